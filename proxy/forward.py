@@ -1,0 +1,357 @@
+"""The request handler: route, buffer, pick a credential, send, classify, replay or relay.
+
+The handler drives a :class:`~proxy.replay.ReplayPlan`. Nothing reaches the client until an
+attempt's action is PASS; error bodies (status >= 400) are read, bounded, before deciding, and a
+200 SSE stream is held until its first event has been checked. From then on the response streams
+chunk by chunk as it arrives, and a failure upstream aborts the client connection so that a broken
+stream can never look complete. Every upstream response is closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from proxy import headers as hdrs
+from proxy.clock import Clock
+from proxy.config import Config, Provider, find_provider
+from proxy.credentials import Credential
+from proxy.errors import (
+    ConnectFailed,
+    NoCredentialAvailable,
+    RequestRejected,
+    StreamBroken,
+    UpstreamError,
+)
+from proxy.limits import LIMIT_CODES, Kind, Verdict, classify, error_info
+from proxy.pool import Pool
+from proxy.replay import Action, ReplayPlan, action_for
+from proxy.routing import check_path, split_target, upstream_target
+from proxy.selection import fnv1a_utf16, session_id_from
+from proxy.sse import EventScanner, parse_json, split_first_event
+from proxy.upstream import Transport, UpstreamResponse
+
+log = logging.getLogger("credproxy")
+
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+#: Error bodies read before deciding; a larger body is passed through without classification.
+MAX_ERROR_BODY = 256 * 1024
+#: Bytes of a 200 SSE stream held back while looking for its first event.
+MAX_PEEK = 256 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one client request; handed to observers when it ends. Never holds a secret."""
+
+    request_id: str
+    method: str
+    path: str
+    provider: str = ""
+    session_hash: str = ""
+    tried: list[str] = field(default_factory=list)
+    attempts: int = 0
+    status: int = 0
+    outcome: str = ""
+    error: str = ""
+    started: float = 0.0
+    duration: float = 0.0
+
+
+Observer = Callable[[RequestRecord], None]
+StreamEventHook = Callable[[Credential, list[bytes]], None]
+
+
+class Forwarder:
+    """Holds what every request needs; :meth:`handle` is the aiohttp handler."""
+
+    def __init__(self, config: Config, pool: Pool, transport: Transport, clock: Clock) -> None:
+        self._limits = config.limits
+        self._pool = pool
+        self.transport = transport
+        self._clock = clock
+        self._lookup = find_provider(config.providers)
+        self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in config.providers}
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(3).hex()
+        self.observers: list[Observer] = []
+        self.stream_event_hooks: list[StreamEventHook] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        record = RequestRecord(
+            request_id=f"{self._id_prefix}-{next(self._ids):x}",
+            method=request.method,
+            path=request.path,
+            started=self._clock.time(),
+        )
+        start = self._clock.monotonic()
+        try:
+            response = await self._handle(request, record)
+        except RequestRejected as exc:
+            record.outcome, record.error = "rejected", str(exc)
+            response = error_response(exc.status, str(exc), exc.code)
+        except NoCredentialAvailable as exc:
+            record.outcome, record.error = "no_credential", str(exc)
+            response = self._unavailable_response(exc, record)
+        except UpstreamError as exc:
+            record.outcome, record.error = "upstream_error", str(exc)
+            response = error_response(exc.status, str(exc), "upstream_error", record)
+        except asyncio.CancelledError:
+            # The client went away (handler cancellation): the upstream request is already closed.
+            record.outcome, record.status = "client_closed", 499
+            self._done(record, start)
+            raise
+        record.status = response.status
+        self._done(record, start)
+        return response
+
+    def _done(self, record: RequestRecord, start: float) -> None:
+        record.duration = self._clock.monotonic() - start
+        for observer in self.observers:
+            observer(record)
+
+    async def _handle(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        if request.method not in ALLOWED_METHODS:
+            raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
+        if request.version < (1, 0):
+            raise RequestRejected(400, "HTTP/0.9 is not supported")
+        path, query = split_target(request.raw_path)
+        route = self._lookup(path)
+        if route is None:
+            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
+        provider, rest = route
+        record.provider = provider.name
+        check_path(rest)
+        items = list(request.headers.items())
+        if hdrs.has_control_characters(items):
+            raise RequestRejected(400, "a header value contains control characters")
+        session_id = session_id_from(request.headers, self._limits.max_session_id_length)
+        if session_id is not None:
+            record.session_hash = f"{fnv1a_utf16(session_id):08x}"
+        body = await read_body(request, self._limits.max_body_bytes)
+        forwarded = hdrs.to_upstream(items)
+        origin, base_path = self._origins[provider.name]
+        target = upstream_target(base_path, rest, query)
+        plan = ReplayPlan(self._pool, self._pool.order(provider.name, session_id))
+
+        while (cred := plan.next(self._clock.time())) is not None:
+            record.tried.append(cred.label)
+            upstream = await self._send(
+                request.method, origin, target, [*forwarded, *cred.auth_headers()], body, record
+            )
+            try:
+                verdict, prefix = await self._inspect(upstream, cred)
+                action = action_for(verdict.kind, cred.kind)
+                if action is Action.BLOCK:
+                    self._pool.block(cred, verdict)
+                    log.info(
+                        "credential %s limited (%s) until %.0f (from %s); trying the next one",
+                        cred.label,
+                        verdict.reason,
+                        verdict.until,
+                        verdict.source,
+                    )
+                    continue
+                if action is Action.DISABLE:
+                    self._pool.disable(cred, "invalid_api_key")
+                    log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
+                    continue
+                record.outcome = "served" if upstream.status < 400 else "upstream_status"
+                if upstream.status < 400:
+                    self._pool.succeeded(cred)
+                else:
+                    self._pool.failed(cred, verdict.reason)
+                return await self._relay(request, upstream, prefix, cred, record)
+            finally:
+                upstream.close()
+        raise self._pool.unavailable(provider.name)
+
+    async def _send(
+        self, method: str, origin: str, target: str, headers: hdrs.Headers, body: bytes, record: RequestRecord
+    ) -> UpstreamResponse:
+        """One attempt; a refused connection (the request never left) is tried once more."""
+        for retry in (False, True):
+            record.attempts += 1
+            try:
+                return await self.transport.request(method, origin, target, headers, body)
+            except ConnectFailed:
+                if retry:
+                    raise
+                await asyncio.sleep(self._limits.connect_retry_delay)
+        raise AssertionError("unreachable")
+
+    async def _inspect(self, upstream: UpstreamResponse, cred: Credential) -> tuple[Verdict, bytes]:
+        """Classify an answer before committing it; returns the verdict and the bytes already read."""
+        status = upstream.status
+        headers = _lower(upstream.headers)
+        now = self._clock.time()
+        consecutive = self._pool.state(cred).consecutive_limits
+        if status >= 400:
+            body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
+            info = error_info(parse_json(body)) if complete and body else None
+            return classify(status, headers, info, now, consecutive), body
+        if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
+            prefix = b""
+            while len(prefix) < MAX_PEEK:
+                chunk = await upstream.read()
+                if not chunk:
+                    break
+                prefix += chunk
+                first = split_first_event(prefix)
+                if first is not None:
+                    info = error_info(parse_json(first))
+                    if info is not None and info.code in LIMIT_CODES:
+                        return classify(status, headers, info, now, consecutive), prefix
+                    break
+            return Verdict(Kind.OK), prefix
+        return Verdict(Kind.OK), b""
+
+    async def _relay(
+        self, request: web.Request, upstream: UpstreamResponse, prefix: bytes, cred: Credential, record: RequestRecord
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        out = response.headers
+        for name, value in hdrs.to_client(upstream.headers):
+            out.add(name, value)
+        out["x-credproxy-credential"] = cred.label
+        out["x-credproxy-attempts"] = str(record.attempts)
+        is_sse = out.get("content-type", "").startswith("text/event-stream")
+        if is_sse:
+            out.setdefault("X-Accel-Buffering", "no")
+        if upstream.status in _NO_BODY_STATUSES or request.method == "HEAD":
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        await response.prepare(request)
+        scanner = EventScanner() if is_sse else None
+        try:
+            chunk = prefix
+            while True:
+                if chunk:
+                    if scanner is not None:
+                        events = scanner.feed(chunk)
+                        if events:
+                            self._stream_events(cred, events)
+                    await response.write(chunk)
+                chunk = await upstream.read()
+                if not chunk:
+                    break
+        except StreamBroken as exc:
+            record.outcome, record.error = "stream_broken", str(exc)
+            log.warning("request %s: %s; aborting the client connection", record.request_id, exc)
+            _abort(request)
+            return response
+        except ConnectionError:
+            record.outcome = "client_closed"
+            return response
+        await response.write_eof()
+        return response
+
+    def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
+        """Late events of a committed stream: a limit error blocks the credential for later requests."""
+        for data in events:
+            info = error_info(parse_json(data))
+            if info is not None and info.code in LIMIT_CODES:
+                verdict = classify(200, {}, info, self._clock.time(), self._pool.state(cred).consecutive_limits)
+                self._pool.block(cred, verdict)
+        for hook in self.stream_event_hooks:
+            hook(cred, events)
+
+    def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        if exc.retry_at is None:
+            return error_response(503, str(exc), "no_credentials", record)
+        wait = max(1, math.ceil(exc.retry_at - self._clock.time()))
+        provider = self._provider(exc.provider)
+        message = f"{exc}; retry in {wait} s"
+        if provider is not None and provider.kind == "codex":
+            body = {
+                "error": {
+                    "type": "usage_limit_reached",
+                    "message": message,
+                    "resets_at": math.ceil(exc.retry_at),
+                    "resets_in_seconds": wait,
+                }
+            }
+        else:
+            body = {
+                "error": {
+                    "message": message,
+                    "type": "rate_limit_exceeded",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            }
+        response = json_response(429, body, record)
+        response.headers["Retry-After"] = str(wait)
+        return response
+
+    def _provider(self, name: str) -> Provider | None:
+        for provider in self._pool.providers():
+            if provider.name == name:
+                return provider
+        return None
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    """The whole request body, or 413 as soon as it exceeds ``cap`` (never read past it)."""
+    length = request.content_length
+    if length is not None and length > cap:
+        raise RequestRejected(413, f"request body of {length} bytes exceeds the limit of {cap} bytes", "body_too_large")
+    if not request.body_exists:
+        return b""
+    if length is not None:
+        body = await request.content.readexactly(length) if length else b""
+        return body
+    data = bytearray()
+    while chunk := await request.content.readany():
+        data += chunk
+        if len(data) > cap:
+            raise RequestRejected(413, f"request body exceeds the limit of {cap} bytes", "body_too_large")
+    return bytes(data)
+
+
+async def _read_up_to(upstream: UpstreamResponse, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes of the body, and whether that was all of it."""
+    data = b""
+    while len(data) < cap:
+        chunk = await upstream.read()
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+def _lower(items: hdrs.Headers) -> dict[str, str]:
+    """Response headers as a dict with lower-case names (first value wins)."""
+    result: dict[str, str] = {}
+    for name, value in items:
+        result.setdefault(name.lower(), value)
+    return result
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def json_response(status: int, body: object, record: RequestRecord | None = None) -> web.Response:
+    response = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    if record is not None:
+        response.headers["x-credproxy-attempts"] = str(record.attempts)
+    return response
+
+
+def error_response(status: int, message: str, code: str, record: RequestRecord | None = None) -> web.Response:
+    """A proxy-generated error in OpenAI's shape. ``message`` never contains a secret."""
+    kind = "invalid_request_error" if status < 500 else "proxy_error"
+    return json_response(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, record)

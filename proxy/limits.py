@@ -1,0 +1,274 @@
+"""Is this credential limited, and until when? Pure classification of one upstream answer.
+
+Theory of operation
+-------------------
+An upstream answer says "this credential is limited" in one of three ways: status 429; an error
+body whose ``type`` or ``code`` is one of :data:`LIMIT_CODES` (whatever the status); or a 200 SSE
+stream whose first event is ``response.failed`` (or ``error``) with such a code. :func:`classify`
+turns (status, headers, parsed error) into a :class:`Verdict`; it never mutates anything.
+
+The block lasts until the reset time the upstream announced. Hints are taken by priority group;
+the first group holding a usable value wins, and within a group the latest value wins:
+
+1. the plan window: body ``resets_at`` / ``resets_in_seconds`` and the ``x-codex-{primary,
+   secondary}-reset-*`` headers of exhausted windows (used percent >= 100);
+2. ``retry-after-ms`` (more precise than ``Retry-After`` when both are sent);
+3. ``Retry-After``, in seconds or as an HTTP date;
+4. ``x-ratelimit-reset-requests`` / ``-tokens`` (Go durations such as ``6m0s``), for the exhausted
+   limit when ``x-ratelimit-remaining-*`` says which one, else the later of the two;
+5. "try again in 1.5s" in the error message;
+6. no hint: a default cool-down of 60 s that doubles with each consecutive limit (up to 30 min).
+
+A hint that is negative, not finite, unparsable or more than a year away is ignored; one between
+eight days and a year is clamped to eight days (a weekly plan window fits). A reset in the past
+means "now", and every block lasts at least one second. ``insufficient_quota`` and
+``usage_not_included`` need a human (billing, plan): they block for a day at least and are flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import Enum
+from typing import Any
+
+LIMIT_CODES = frozenset({"usage_limit_reached", "usage_not_included", "rate_limit_exceeded", "insufficient_quota"})
+ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included"})
+CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
+
+MIN_BLOCK = 1.0
+DEFAULT_COOLDOWN = 60.0
+MAX_COOLDOWN = 1800.0
+ATTENTION_BLOCK = 86400.0
+MAX_BLOCK = 8 * 86400.0
+ABSURD = 366 * 86400.0
+
+
+class Kind(Enum):
+    OK = "ok"  # pass the answer through; the credential is fine
+    LIMITED = "limited"  # block the credential until ``until``; replay elsewhere
+    UNAUTHORIZED = "unauthorized"  # 401: the token or key is not valid
+    BAD_CONTINUATION = "bad_continuation"  # 400: reasoning or response id of another account
+    ERROR = "error"  # any other error: passed through untouched
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The interesting fields of an OpenAI-shaped error object."""
+
+    code: str = ""
+    message: str = ""
+    resets_at: Any = None
+    resets_in_seconds: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Kind
+    reason: str = ""
+    until: float = 0.0
+    source: str = ""  # which hint decided ``until`` (for logs and status)
+    attention: bool = False  # a human must act (billing, plan)
+    clamped: bool = False  # the announced reset was further than MAX_BLOCK away
+
+
+OK = Verdict(Kind.OK)
+
+
+def error_info(doc: object) -> ErrorInfo | None:
+    """Find the error object in a parsed JSON body or SSE event, in any of the shapes seen."""
+    if not isinstance(doc, dict):
+        return None
+    err: object = None
+    if doc.get("type") == "response.failed":
+        response = doc.get("response")
+        err = response.get("error") if isinstance(response, dict) else None
+    elif isinstance(doc.get("error"), dict):
+        err = doc["error"]
+    elif isinstance(doc.get("detail"), dict):
+        err = doc["detail"]
+    elif doc.get("type") == "error" or "code" in doc:
+        err = doc
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code")
+    typ = err.get("type")
+    # ``type`` carries the Codex codes; ``code`` carries the OpenAI API ones.
+    if not (isinstance(code, str) and code in LIMIT_CODES | CONTINUATION_CODES):
+        code = typ if isinstance(typ, str) and typ in LIMIT_CODES else code
+    message = err.get("message")
+    return ErrorInfo(
+        code=code if isinstance(code, str) else "",
+        message=message if isinstance(message, str) else "",
+        resets_at=err.get("resets_at"),
+        resets_in_seconds=err.get("resets_in_seconds"),
+    )
+
+
+def classify(
+    status: int,
+    headers: Mapping[str, str],
+    error: ErrorInfo | None,
+    now: float,
+    consecutive: int = 0,
+) -> Verdict:
+    """Classify one upstream answer. ``consecutive`` counts the credential's previous limits in a row."""
+    code = error.code if error else ""
+    if status == 429 or code in LIMIT_CODES:
+        return _limited(code or "rate_limited", headers, error, now, consecutive)
+    if status == 401:
+        return Verdict(Kind.UNAUTHORIZED, reason=code or "unauthorized")
+    if code in CONTINUATION_CODES:
+        return Verdict(Kind.BAD_CONTINUATION, reason=code)
+    if status >= 400:
+        return Verdict(Kind.ERROR, reason=code or f"http_{status}")
+    return OK
+
+
+def _limited(code: str, headers: Mapping[str, str], error: ErrorInfo | None, now: float, consecutive: int) -> Verdict:
+    found = reset_hint(headers, error, now)
+    attention = code in ATTENTION_CODES
+    if found is None:
+        until, source, clamped = now + default_cooldown(consecutive), "default", False
+    else:
+        until, source, clamped = found
+    if attention:
+        until = max(until, now + ATTENTION_BLOCK)
+    return Verdict(
+        Kind.LIMITED,
+        reason=code,
+        until=max(until, now + MIN_BLOCK),
+        source=source,
+        attention=attention,
+        clamped=clamped,
+    )
+
+
+def default_cooldown(consecutive: int) -> float:
+    """60 s, doubling with each consecutive limit without a hint, at most 30 min."""
+    return min(DEFAULT_COOLDOWN * float(2 ** min(max(consecutive, 0), 10)), MAX_COOLDOWN)
+
+
+def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) -> tuple[float, str, bool] | None:
+    """``(until, source, clamped)`` from the best usable hint, or ``None`` when there is none."""
+    groups: tuple[tuple[str, list[float | None]], ...] = (
+        ("plan_window", _plan_window_deltas(headers, error, now)),
+        ("retry-after-ms", [_number(headers.get("retry-after-ms"), scale=0.001)]),
+        ("retry-after", [parse_retry_after(headers.get("retry-after"), now)]),
+        ("x-ratelimit-reset", _ratelimit_reset_deltas(headers)),
+        ("message", [parse_try_again(error.message) if error else None]),
+    )
+    for source, deltas in groups:
+        usable = [d for d in deltas if d is not None and 0 <= d <= ABSURD]
+        if usable:
+            delta = max(usable)
+            clamped = delta > MAX_BLOCK
+            return now + min(delta, MAX_BLOCK), source, clamped
+    return None
+
+
+def _plan_window_deltas(headers: Mapping[str, str], error: ErrorInfo | None, now: float) -> list[float | None]:
+    deltas: list[float | None] = []
+    if error is not None:
+        deltas.append(_epoch_delta(error.resets_at, now))
+        deltas.append(_number(error.resets_in_seconds))
+    for window in ("primary", "secondary"):
+        used = _number(headers.get(f"x-codex-{window}-used-percent"))
+        if used is None or used < 100:
+            continue
+        deltas.append(_epoch_delta(headers.get(f"x-codex-{window}-reset-at"), now))
+        deltas.append(_number(headers.get(f"x-codex-{window}-reset-after-seconds")))
+    return deltas
+
+
+def _ratelimit_reset_deltas(headers: Mapping[str, str]) -> list[float | None]:
+    requests = parse_go_duration(headers.get("x-ratelimit-reset-requests"))
+    tokens = parse_go_duration(headers.get("x-ratelimit-reset-tokens"))
+    exhausted = []
+    if headers.get("x-ratelimit-remaining-requests", "").strip() == "0":
+        exhausted.append(requests)
+    if headers.get("x-ratelimit-remaining-tokens", "").strip() == "0":
+        exhausted.append(tokens)
+    return exhausted if any(d is not None for d in exhausted) else [requests, tokens]
+
+
+def _number(value: object, scale: float = 1.0) -> float | None:
+    """A finite float from a JSON number or a numeric string, else ``None``."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    if not math.isfinite(number):
+        return None
+    return number * scale
+
+
+def _epoch_delta(value: object, now: float) -> float | None:
+    """Seconds from ``now`` to an epoch timestamp (seconds, or milliseconds above 10^12)."""
+    epoch = _number(value)
+    if epoch is None or epoch <= 0:
+        return None
+    if epoch > 1e12:
+        epoch /= 1000.0
+    return max(epoch - now, 0.0)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as delay seconds or an HTTP date; a past date means 0."""
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_FULL = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(value: str | None) -> float | None:
+    """A Go duration string (``20ms``, ``1s``, ``6m0s``, ``1h2m3.5s``) in seconds."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text or len(text) > 64 or not _GO_FULL.fullmatch(text):
+        return None
+    return float(sum(float(num) * _GO_UNITS[unit] for num, unit in _GO_PART.findall(text)))
+
+
+_TRY_AGAIN = re.compile(r"(?i)try again in\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|secs|seconds?|m|min|minutes?)\b")
+_TRY_AGAIN_GO = re.compile(r"(?i)try again in\s*((?:\d+(?:\.\d*)?(?:h|m|s|ms))+)")
+
+
+def parse_try_again(message: str) -> float | None:
+    """The delay in a "Please try again in 1.5s" message."""
+    if "try again" not in message.lower():
+        return None
+    match = _TRY_AGAIN.search(message)
+    if match:
+        number, unit = float(match.group(1)), match.group(2).lower()
+        if unit == "ms":
+            return number / 1000.0
+        if unit.startswith("m"):
+            return number * 60.0
+        return number
+    match = _TRY_AGAIN_GO.search(message)
+    return parse_go_duration(match.group(1)) if match else None

@@ -1,0 +1,43 @@
+"""From the request target to the upstream URL, without ever becoming an open proxy.
+
+The upstream comes only from the config: ``<mount>/<rest>?<query>`` goes to
+``<upstream>/<rest>?<query>``, the rest and the query copied byte for byte. Targets that could
+escape the provider's prefix are refused before routing: absolute-form (``http://host/...``) and
+authority-form targets, ``//host`` paths, dot segments (raw or percent-encoded), encoded slashes or
+backslashes and empty segments. Pure functions; the handler turns :class:`RequestRejected` into a 400.
+"""
+
+from __future__ import annotations
+
+from proxy.errors import RequestRejected
+
+_ENCODED_SEPARATORS = ("%2f", "%5c")
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    """``(path, query)`` of an origin-form request target; anything else is refused."""
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise RequestRejected(400, "the request target must be a path (absolute-form targets are refused)")
+    path, _, query = raw_target.partition("?")
+    return path, query
+
+
+def check_path(path: str) -> None:
+    """Refuse dot segments, encoded separators, backslashes and empty segments in ``path``."""
+    lower = path.lower()
+    if "\\" in path or any(sep in lower for sep in _ENCODED_SEPARATORS):
+        raise RequestRejected(400, "encoded slashes and backslashes are not allowed in the path")
+    if "//" in path:
+        raise RequestRejected(400, "empty path segments are not allowed")
+    if "." in path or "%2e" in lower:
+        for segment in lower.split("/"):
+            if segment.replace("%2e", ".") in (".", ".."):
+                raise RequestRejected(400, "dot segments are not allowed in the path")
+
+
+def upstream_target(base_path: str, rest: str, query: str) -> str:
+    """The origin-form target sent upstream: the provider's base path, the rest, the query."""
+    target = base_path + rest
+    if not target:
+        target = "/"
+    return f"{target}?{query}" if query else target

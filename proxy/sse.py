@@ -1,0 +1,103 @@
+"""Just enough Server-Sent Events parsing to watch a stream without slowing it down.
+
+The proxy never rewrites a stream. It needs two things from it:
+
+* the *first* event, before the response is committed to the client, because a 200 stream whose
+  first event is ``response.failed`` with a limit code is really a 429 (:func:`split_first_event`);
+* later events that matter for the credential's state (``codex.rate_limits`` usage snapshots, a
+  late ``response.failed``): :class:`EventScanner` looks for marker bytes in each chunk with a C-speed
+  substring search and parses only the rare events that contain one.
+
+Events are separated by a blank line (``\\n\\n`` or ``\\r\\n\\r\\n``).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+#: Events worth parsing after the response has been committed.
+DEFAULT_MARKERS = (b"codex.rate_limits", b"response.failed", b'"error"')
+
+_MAX_PENDING = 4 * 1024 * 1024
+
+
+def _boundary(data: bytes, start: int = 0) -> tuple[int, int]:
+    """Position and length of the first event separator at or after ``start``, or ``(-1, 0)``."""
+    lf = data.find(b"\n\n", start)
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf != -1 and (lf == -1 or crlf < lf):
+        return crlf, 4
+    if lf != -1:
+        return lf, 2
+    return -1, 0
+
+
+def event_data(event: bytes) -> bytes:
+    """The payload of one event: its ``data:`` lines joined by newlines."""
+    parts = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts)
+
+
+def split_first_event(buffer: bytes) -> bytes | None:
+    """The data of the first event that carries data, or ``None`` while it is incomplete.
+
+    Comment-only events (keep-alives such as ``: ping``) are skipped.
+    """
+    start = 0
+    while True:
+        pos, size = _boundary(buffer, start)
+        if pos == -1:
+            return None
+        data = event_data(buffer[start:pos])
+        if data:
+            return data
+        start = pos + size
+
+
+def parse_json(data: bytes) -> object:
+    """Parsed JSON, or ``None`` for anything that is not (the proxy is not a validator)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class EventScanner:
+    """Finds complete events containing one of ``markers`` in a stream fed chunk by chunk."""
+
+    __slots__ = ("_markers", "_pending")
+
+    def __init__(self, markers: tuple[bytes, ...] = DEFAULT_MARKERS) -> None:
+        self._markers = markers
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Return the data of every event completed by ``chunk`` that contains a marker."""
+        data = self._pending + chunk if self._pending else chunk
+        last_lf = data.rfind(b"\n\n")
+        last_crlf = data.rfind(b"\r\n\r\n")
+        if last_lf == -1 and last_crlf == -1:
+            self._pending = data if len(data) <= _MAX_PENDING else b""
+            return []
+        end = max(last_lf + 2 if last_lf != -1 else 0, last_crlf + 4 if last_crlf != -1 else 0)
+        complete, rest = data[:end], data[end:]
+        self._pending = rest if len(rest) <= _MAX_PENDING else b""
+        if not any(marker in complete for marker in self._markers):
+            return []
+        found = []
+        start = 0
+        while True:
+            pos, size = _boundary(complete, start)
+            if pos == -1:
+                break
+            event = complete[start:pos]
+            if any(marker in event for marker in self._markers):
+                payload = event_data(event)
+                if payload:
+                    found.append(payload)
+            start = pos + size
+        return found
