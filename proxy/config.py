@@ -2,7 +2,8 @@
 
 Every key is checked: unknown keys, wrong types and bad values refuse to start with a message that
 names the file and the key (``config.json at providers.openai.upstream: ...``). Relative paths are
-relative to the config file. ``config.example.json`` shows and explains every key.
+relative to the config file. JSON has no comments, so any key starting with ``$comment`` is ignored;
+``config.example.json`` uses them to explain every key.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class _Reader:
     def __init__(self, path: Path, doc: Mapping[str, Any], where: str, allowed: tuple[str, ...]) -> None:
         self.path, self.doc, self.where = path, doc, where
         for key in doc:
-            if key not in allowed:
+            if key not in allowed and not key.startswith("$comment"):
                 raise ConfigError(path, self.key(key), f"unknown key (expected one of: {', '.join(allowed)})")
 
     def key(self, name: str) -> str:
@@ -143,7 +144,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "$comment"))
+    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging"))
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -165,11 +166,12 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
     )
 
     providers_doc = top.get("providers", dict, {}, "an object")
-    if not providers_doc:
+    if not any(not name.startswith("$comment") for name in providers_doc):
         raise top.fail("providers", "configure at least one provider")
     providers = tuple(
         _provider(_Reader(path, _as_object(path, f"providers.{name}", spec), f"providers.{name}", _PROVIDER_KEYS), name)
         for name, spec in providers_doc.items()
+        if not name.startswith("$comment")
     )
     _check_mounts(path, providers)
 
@@ -183,7 +185,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
     )
 
 
-_PROVIDER_KEYS = ("mount", "upstream", "kind", "selector", "$comment")
+_PROVIDER_KEYS = ("mount", "upstream", "kind", "selector")
 
 
 def _as_object(path: Path, key: str, value: object) -> Mapping[str, Any]:

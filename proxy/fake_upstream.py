@@ -117,7 +117,7 @@ class FakeUpstream:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0: a free port); returns the base URL."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -260,7 +260,12 @@ def chat_chunks(cid: str, model: str, text: str, created: int) -> list[dict[str,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         }
 
-    return [chunk({"role": "assistant", "content": ""}, None), chunk({"content": text}, None), chunk({}, "stop"), "[DONE]"]
+    return [
+        chunk({"role": "assistant", "content": ""}, None),
+        chunk({"content": text}, None),
+        chunk({}, "stop"),
+        "[DONE]",
+    ]
 
 
 def encode_event(event: Mapping[str, Any] | str | bytes) -> bytes:
@@ -286,7 +291,9 @@ def ok(text: str = "hi", headers: Mapping[str, str] | None = None) -> Responder:
         chat = recorded.path.endswith("/chat/completions")
         if wants_stream(recorded):
             rid = fake.next_id("chatcmpl" if chat else "resp")
-            events: list[Any] = chat_chunks(rid, model, text, created) if chat else responses_events(rid, model, text, created)
+            events: list[Any] = (
+                chat_chunks(rid, model, text, created) if chat else responses_events(rid, model, text, created)
+            )
             return await sse(events, headers=headers)(request, recorded, fake)
         if chat:
             body = chat_completion(fake.next_id("chatcmpl"), model, text, created)
@@ -345,18 +352,38 @@ def rate_limit(
     status: int = 429,
 ) -> Responder:
     """The OpenAI API's 429 (``rate_limit_exceeded``, or ``insufficient_quota`` with ``code=``)."""
-    body = {"error": {"message": message, "type": "tokens" if code == "rate_limit_exceeded" else code, "param": None, "code": code}}
+    body = {
+        "error": {
+            "message": message,
+            "type": "tokens" if code == "rate_limit_exceeded" else code,
+            "param": None,
+            "code": code,
+        }
+    }
     return json_body(status, body, headers)
 
 
 def unauthorized() -> Responder:
-    body = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    body = {
+        "error": {
+            "message": "Incorrect API key provided.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
     return json_body(401, body)
 
 
-def sse_failed(code: str = "rate_limit_exceeded", message: str = "Rate limit reached. Please try again in 1.5s.") -> Responder:
+def sse_failed(
+    code: str = "rate_limit_exceeded", message: str = "Rate limit reached. Please try again in 1.5s."
+) -> Responder:
     """A 200 SSE stream whose first event is ``response.failed``."""
-    event = {"type": "response.failed", "sequence_number": 0, "response": {"id": "resp_failed", "status": "failed", "error": {"code": code, "message": message}}}
+    event = {
+        "type": "response.failed",
+        "sequence_number": 0,
+        "response": {"id": "resp_failed", "status": "failed", "error": {"code": code, "message": message}},
+    }
     return sse([event])
 
 
@@ -377,7 +404,9 @@ def sse(
     events = list(events)
 
     async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
-        response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            status=status, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         for name, value in (headers or {}).items():
             response.headers[name] = value
         await response.prepare(request)

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from proxy.app import POOL, make_app, start
 from proxy.clock import ManualClock
@@ -37,7 +38,8 @@ class RunningProxy:
         return self.app[POOL]
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.client.request(method, self.url + path, **kwargs)
+        # encoded=True: send the target exactly as written (yarl would normalise %2F in a query).
+        return self.client.request(method, URL(self.url + path, encoded=True), **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
