@@ -18,6 +18,7 @@ from proxy.config import ADMIN_PREFIX, Config
 from proxy.credentials import Credential
 from proxy.forward import Forwarder
 from proxy.headers import Headers
+from proxy.logs import AccessLog
 from proxy.pool import Pool
 from proxy.store import load_credentials
 from proxy.upstream import AiohttpTransport, Transport, UpstreamResponse
@@ -48,6 +49,7 @@ def make_app(
         credentials = load_credentials(config.credentials_file, [p.name for p in config.providers])
     pool = Pool(config.providers, credentials, clock)
     forwarder = Forwarder(config, pool, _NotStarted(), clock)
+    forwarder.observers.append(AccessLog(json=config.logging.format == "json"))
 
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config

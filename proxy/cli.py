@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from proxy import __version__
-from proxy.app import make_app, serve
-from proxy.config import Config, load_config
+from proxy import __version__, logs
+from proxy.app import POOL, make_app, serve
+from proxy.config import load_config
 from proxy.errors import ConfigError, StoreError
 
 log = logging.getLogger("credproxy")
@@ -46,14 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def configure_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     listen = config.listen
@@ -62,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             listen, host=args.host or listen.host, port=args.port if args.port is not None else listen.port
         )
         config = replace(config, listen=listen)
-    configure_logging(config)
     app = make_app(config)
+    logs.configure(config.logging, known=app[POOL].secrets)
 
     def ready(host: str, port: int) -> None:
         mounts = ", ".join(f"{p.mount} -> {p.upstream}" for p in config.providers)

@@ -71,6 +71,17 @@ class Pool:
     def by_label(self, label: str) -> Credential | None:
         return self._by_label.get(label)
 
+    def secrets(self) -> list[str]:
+        """Every token value in the pool, for the log redaction filter."""
+        values = []
+        for group in self._groups.values():
+            for creds, _ in group:
+                for cred in creds:
+                    values.append(cred.token.reveal())
+                    if cred.refresh is not None:
+                        values.append(cred.refresh.reveal())
+        return values
+
     def state(self, cred: Credential) -> CredentialState:
         return self._state[cred.id]
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import orjson
 
 #: Events worth parsing after the response has been committed.
-DEFAULT_MARKERS = (b"codex.rate_limits", b"response.failed", b'"error"')
+#: ``"type":"error"`` is a Responses error event; ``{"error"`` a Chat Completions stream error. A bare
+#: ``"error"`` would match every ``response.completed`` (``"error": null``) and parse megabytes for nothing.
+DEFAULT_MARKERS = (b"codex.rate_limits", b"response.failed", b'"type":"error"', b'{"error"')
 
 _MAX_PENDING = 4 * 1024 * 1024
 

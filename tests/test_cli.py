@@ -1,0 +1,150 @@
+"""The ``credproxy`` command as a user runs it: a real process, a real port, the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.config import load_config
+from proxy.fake_upstream import FakeUpstream
+from tests.conftest import default_providers, keys, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+CANARY = "sk-canary-3f9c2a7b1e"
+
+
+async def start_serve(config: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``python -m proxy serve`` and return it with its base URL (read from its log)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        *extra,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert line, "credproxy exited before listening"
+        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        if match:
+            return process, match.group(1)
+
+
+async def stop(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    rest = await asyncio.wait_for(process.stderr.read(), 30)
+    return await asyncio.wait_for(process.wait(), 30), rest.decode()
+
+
+async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_path: Path, fake: FakeUpstream) -> None:
+    write_json(tmp_path / "auth.json", keys(CANARY))
+    config = write_json(
+        tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
+    )
+    process, url = await start_serve(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{url}/openai/responses", json={"model": "m"}, headers={"X-Session-Id": "s1"}
+            ) as r:
+                assert r.status == 200
+                assert r.headers["x-credproxy-credential"] == "openai#1"
+            # A malformed request whose overlong header starts with a secret.
+            reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+            writer.write(
+                b"GET /openai/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + CANARY.encode() * 1000
+                + b"\r\n\r\n"
+            )
+            await writer.drain()
+            assert b" 400 " in await asyncio.wait_for(reader.read(1000), 10)
+            writer.close()
+    finally:
+        code, log = await stop(process)
+    assert code == 0
+    assert fake.tokens() == [CANARY]
+    assert re.search(r"openai POST /openai/responses -> 200 served session=[0-9a-f]{8} credential=openai#1", log), log
+    assert "refused a malformed request: LineTooLong" in log
+    assert CANARY not in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"providers": {"openai": {"mount": "/openai", "upstream": "ftp://x"}}}, "providers.openai.upstream"),
+        (
+            {"providers": {"openai": {"mount": "/openai", "upstream": "https://a.example", "colour": 1}}},
+            "providers.openai.colour",
+        ),
+        ({"listen": {"port": "8787"}, "providers": {}}, "listen.port"),
+    ],
+)
+async def test_a_bad_config_refuses_to_start_naming_file_and_key(tmp_path: Path, doc: dict[str, Any], key: str) -> None:
+    config = write_json(tmp_path / "config.json", doc)
+    before = config.read_bytes()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert f"{config} at {key}:" in err.decode()
+    assert config.read_bytes() == before
+
+
+async def test_a_corrupt_credentials_file_refuses_to_start_without_printing_it(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    auth = tmp_path / "auth.json"
+    auth.write_bytes(b'{"openai": [{"type": "api_key", "key": "' + CANARY.encode() + b'"}')
+    os.chmod(auth, 0o600)
+    before = auth.read_bytes()
+    config = write_json(
+        tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    text = err.decode()
+    assert str(auth) in text
+    assert "line 1, column" in text
+    assert CANARY not in text
+    assert auth.read_bytes() == before
+
+
+def test_the_example_config_is_valid() -> None:
+    config = load_config(ROOT / "config.example.json")
+    assert [p.name for p in config.providers] == ["openai", "openai-codex"]
+    assert config.listen.host == "127.0.0.1"
