@@ -16,6 +16,7 @@ from proxy.config import Provider
 from proxy.credentials import Credential
 from proxy.errors import NoCredentialAvailable
 from proxy.limits import Verdict
+from proxy.usage import UsageSnapshot
 
 
 @dataclass(slots=True)
@@ -23,10 +24,12 @@ class CredentialState:
     blocked_until: float = 0.0
     block_reason: str = ""
     attention: bool = False  # a human must act (billing, plan, re-login)
-    disabled: str = ""  # why the credential is out of rotation until a human acts; "" when enabled
+    # Why the credential is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled.
+    disabled: str = ""
     consecutive_limits: int = 0
     served: int = 0
     last_error: str = ""
+    usage: UsageSnapshot | None = None  # the latest usage windows seen (Codex accounts)
 
 
 Listener = Callable[[Credential, CredentialState], None]
