@@ -1,7 +1,8 @@
 """Assembling the aiohttp application, and running it.
 
-``make_app(config)`` builds everything from values: no globals, nothing at import time. The upstream
-``ClientSession`` is created and closed in ``cleanup_ctx``, one per application.
+``make_app(config)`` builds everything from values: no globals, nothing at import time. Network
+sessions (the upstream transport, and one small aiohttp session for control calls: token refresh and
+the usage endpoint) and the background file sync are started and stopped in ``cleanup_ctx``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
+import aiohttp
 from aiohttp import web
 
+from proxy.accounts import Accounts
 from proxy.clock import Clock, SystemClock
 from proxy.config import ADMIN_PREFIX, Config
 from proxy.credentials import Credential
+from proxy.custody import Custodian
 from proxy.forward import Forwarder
 from proxy.headers import Headers
 from proxy.logs import AccessLog
 from proxy.pool import Pool
 from proxy.store import load_credentials
+from proxy.sync import FileSync
 from proxy.upstream import AiohttpTransport, Transport, UpstreamResponse
 
 log = logging.getLogger("credproxy")
@@ -28,6 +33,8 @@ log = logging.getLogger("credproxy")
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", Pool)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+ACCOUNTS = web.AppKey("accounts", Accounts)
+SYNC = web.AppKey("sync", FileSync)
 
 TransportFactory = Callable[[Config], Transport]
 
@@ -48,21 +55,33 @@ def make_app(
     if credentials is None:
         credentials = load_credentials(config.credentials_file, [p.name for p in config.providers])
     pool = Pool(config.providers, credentials, clock)
-    forwarder = Forwarder(config, pool, _NotStarted(), clock)
+    control = ControlSession()
+    custodian = Custodian(pool, clock, config.credentials_file, control.get)
+    accounts = Accounts(pool, clock, custodian, control.get)
+    forwarder = Forwarder(config, pool, _NotStarted(), clock, accounts)
     forwarder.observers.append(AccessLog(json=config.logging.format == "json"))
+    forwarder.stream_event_hooks.append(accounts.observe_events)
+    sync = FileSync(config, pool, clock, custodian)
+    sync.load()
 
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
     app[POOL] = pool
     app[FORWARDER] = forwarder
+    app[ACCOUNTS] = accounts
+    app[SYNC] = sync
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
         forwarder.transport = transport
+        await sync.start()
         yield
+        await accounts.close()
+        await sync.close()
+        await control.close()
         await transport.close()
 
-    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(sessions)
     app.router.add_get(f"{ADMIN_PREFIX}/health", health)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
@@ -70,6 +89,26 @@ def make_app(
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+class ControlSession:
+    """The aiohttp session for control calls (token endpoint, usage endpoint), created on first use."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=60, sock_connect=10),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 class _NotStarted:

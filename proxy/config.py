@@ -23,6 +23,8 @@ from proxy.errors import ConfigError
 T = TypeVar("T")
 
 DEFAULT_PORT = 8787
+DEFAULT_TOKEN_URL = URL("https://auth.openai.com/oauth/token")
+CODEX_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 ADMIN_PREFIX = "/_credproxy"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
@@ -61,6 +63,12 @@ class Provider:
     upstream: URL
     kind: str = "openai"
     selector: str = "hashed"
+    #: ChatGPT/Codex accounts: where to refresh tokens and read usage (tests point them at a fake).
+    token_url: URL = DEFAULT_TOKEN_URL
+    client_id: str = CODEX_CLIENT_ID
+    usage_url: URL | None = None
+    #: Above this percentage of any usage window, a credential gets no new sessions while another has headroom.
+    soft_limit_percent: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +193,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
     )
 
 
-_PROVIDER_KEYS = ("mount", "upstream", "kind", "selector")
+_PROVIDER_KEYS = ("mount", "upstream", "kind", "selector", "token_url", "client_id", "usage_url", "soft_limit_percent")
 
 
 def _as_object(path: Path, key: str, value: object) -> Mapping[str, Any]:
@@ -216,13 +224,34 @@ def _provider(section: _Reader, name: str) -> Provider:
     mount = _mount(section, section.get("mount", str, "", "a string"))
     upstream = _upstream(section, section.get("upstream", str, "", "a string"))
     default_kind = "codex" if name == "openai-codex" or "/backend-api" in upstream.path else "openai"
+    kind = section.choice("kind", default_kind, _KINDS)
+    token_url = section.get("token_url", str, "", "a URL string")
+    usage_url = section.get("usage_url", str, "", "a URL string")
+    soft = section.get("soft_limit_percent", (int, float, type(None)), None, "a number or null")
+    if soft is not None and not 1 <= soft <= 100:
+        raise section.fail("soft_limit_percent", "must be between 1 and 100")
+    client_id = section.get("client_id", str, CODEX_CLIENT_ID, "a string")
     return Provider(
         name=name,
         mount=mount,
         upstream=upstream,
-        kind=section.choice("kind", default_kind, _KINDS),
+        kind=kind,
         selector=section.choice("selector", "hashed", _SELECTORS),
+        token_url=_url(section, "token_url", token_url) if token_url else DEFAULT_TOKEN_URL,
+        client_id=client_id,
+        usage_url=_url(section, "usage_url", usage_url) if usage_url else default_usage_url(upstream, kind),
+        soft_limit_percent=float(soft) if soft is not None else None,
     )
+
+
+def default_usage_url(upstream: URL, kind: str) -> URL | None:
+    """The usage endpoint of a Codex upstream (protocol.md 10): ``.../backend-api/wham/usage``."""
+    if kind != "codex":
+        return None
+    path = upstream.path
+    if "/backend-api" in path:
+        return upstream.with_path(path[: path.index("/backend-api") + len("/backend-api")] + "/wham/usage")
+    return upstream.with_path(path.rstrip("/") + "/api/codex/usage")
 
 
 def _mount(section: _Reader, mount: str) -> str:
@@ -248,20 +277,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _upstream(section: _Reader, text: str) -> URL:
+def _url(section: _Reader, key: str, text: str) -> URL:
     try:
         url = URL(text)
     except (ValueError, TypeError):
-        raise section.fail("upstream", "is not a valid URL") from None
+        raise section.fail(key, "is not a valid URL") from None
     if not url.is_absolute() or url.scheme not in ("http", "https") or not url.host:
-        raise section.fail("upstream", "must be an absolute http(s) URL such as https://api.openai.com/v1")
+        raise section.fail(key, "must be an absolute http(s) URL such as https://api.openai.com/v1")
     if url.user is not None or url.password is not None:
-        raise section.fail("upstream", "must not contain user:password@ (credentials come from the credentials file)")
+        raise section.fail(key, "must not contain user:password@ (credentials come from the credentials file)")
     if url.query_string or url.fragment:
-        raise section.fail("upstream", "must not have a query string or fragment")
+        raise section.fail(key, "must not have a query string or fragment")
     if url.scheme == "http" and not _is_loopback(url.host):
-        raise section.fail("upstream", "must use https (plain http is allowed only for loopback test upstreams)")
+        raise section.fail(key, "must use https (plain http is allowed only for loopback test upstreams)")
     return url.with_path(url.path.rstrip("/"))
+
+
+def _upstream(section: _Reader, text: str) -> URL:
+    return _url(section, "upstream", text)
 
 
 def _check_mounts(path: Path, providers: tuple[Provider, ...]) -> None:

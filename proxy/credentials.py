@@ -49,6 +49,12 @@ class Credential:
     refresh: Secret | None = None
     expires_ms: int | None = None
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash naming the current secret (the refresh token of an account, else the key)."""
+        secret = self.refresh if self.refresh is not None else self.token
+        return hashlib.sha256(secret.reveal().encode()).hexdigest()[:16]
+
     def auth_headers(self) -> tuple[tuple[str, str], ...]:
         """The headers that present this credential upstream."""
         bearer = ("Authorization", "Bearer " + self.token.reveal())

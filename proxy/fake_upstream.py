@@ -5,6 +5,10 @@ It never talks to the network beyond its own loopback socket. It records every r
 each one with the first matching rule (:meth:`FakeUpstream.on`), or by default with a plausible
 success: a Responses or Chat Completions object, streamed as SSE when the body asks for a stream.
 
+Control endpoints (the usage endpoint ``.../wham/usage``, an OAuth token endpoint installed by
+:mod:`proxy.fake_accounts`) are answered by ``control_routes`` and recorded apart, in ``control``,
+so that ``records`` holds exactly the model traffic a client caused.
+
 Responders are small factories (:func:`usage_limit`, :func:`rate_limit`, :func:`sse`, :func:`hang`,
 :func:`reset`...) so a test reads as a script::
 
@@ -79,6 +83,8 @@ class _Rule:
 class FakeUpstream:
     clock: Clock = field(default_factory=SystemClock)
     records: list[Recorded] = field(default_factory=list)
+    control: list[Recorded] = field(default_factory=list)
+    control_routes: dict[str, Responder] = field(default_factory=dict)
     _rules: list[_Rule] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -135,6 +141,10 @@ class FakeUpstream:
         body = await request.read()
         headers = tuple((k, v) for k, v in request.headers.items())
         recorded = Recorded(request.method, request.raw_path, headers, body)
+        control = self._control(recorded.path)
+        if control is not None:
+            self.control.append(recorded)
+            return await control(request, recorded, self)
         self.records.append(recorded)
         self.arrived.set()
         responder = self._match(recorded) or ok()
@@ -143,6 +153,14 @@ class FakeUpstream:
         except (asyncio.CancelledError, ConnectionError):
             self.disconnected.set()
             raise
+
+    def _control(self, path: str) -> Responder | None:
+        for suffix, responder in self.control_routes.items():
+            if path.endswith(suffix):
+                return responder
+        if path.endswith(("/wham/usage", "/api/codex/usage")):
+            return usage_answer()
+        return None
 
     def _match(self, recorded: Recorded) -> Responder | None:
         for rule in self._rules:
@@ -300,6 +318,39 @@ def ok(text: str = "hi", headers: Mapping[str, str] | None = None) -> Responder:
         else:
             body = response_object(fake.next_id("resp"), model, text, created)
         return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+    return respond
+
+
+def usage_payload(primary: float = 10.0, secondary: float = 5.0, *, now: float, reset_in: int = 3600) -> dict[str, Any]:
+    """A usage endpoint answer (protocol.md section 4)."""
+    reached = primary >= 100 or secondary >= 100
+    return {
+        "plan_type": "plus",
+        "rate_limit": {
+            "allowed": not reached,
+            "limit_reached": reached,
+            "primary_window": {
+                "used_percent": primary,
+                "limit_window_seconds": 18000,
+                "reset_after_seconds": reset_in,
+                "reset_at": int(now) + reset_in,
+            },
+            "secondary_window": {
+                "used_percent": secondary,
+                "limit_window_seconds": 604800,
+                "reset_after_seconds": reset_in * 10,
+                "reset_at": int(now) + reset_in * 10,
+            },
+        },
+        "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
+    }
+
+
+def usage_answer(primary: float = 10.0, secondary: float = 5.0, reset_in: int = 3600) -> Responder:
+    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        body = usage_payload(primary, secondary, now=fake.clock.time(), reset_in=reset_in)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     return respond
 

@@ -21,8 +21,10 @@ import orjson
 from aiohttp import web
 
 from proxy import headers as hdrs
+from proxy.accounts import Accounts
 from proxy.clock import Clock
 from proxy.config import Config, Provider, find_provider
+from proxy.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.credentials import Credential
 from proxy.errors import (
     ConnectFailed,
@@ -31,7 +33,7 @@ from proxy.errors import (
     StreamBroken,
     UpstreamError,
 )
-from proxy.limits import LIMIT_CODES, Kind, Verdict, classify, error_info
+from proxy.limits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
 from proxy.pool import Pool
 from proxy.replay import Action, ReplayPlan, action_for
 from proxy.routing import check_path, split_target, upstream_target
@@ -74,10 +76,13 @@ StreamEventHook = Callable[[Credential, list[bytes]], None]
 class Forwarder:
     """Holds what every request needs; :meth:`handle` is the aiohttp handler."""
 
-    def __init__(self, config: Config, pool: Pool, transport: Transport, clock: Clock) -> None:
+    def __init__(
+        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Accounts | None = None
+    ) -> None:
         self._limits = config.limits
         self._pool = pool
         self.transport = transport
+        self.accounts = accounts
         self._clock = clock
         self._lookup = find_provider(config.providers)
         self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in config.providers}
@@ -142,37 +147,72 @@ class Forwarder:
         origin, base_path = self._origins[provider.name]
         target = upstream_target(base_path, rest, query)
         plan = ReplayPlan(self._pool, self._pool.order(provider.name, session_id))
+        last_served = self._pool.last_served(provider.name, session_id)
+        retried: set[str] = set()  # credentials already given their one same-credential retry
 
-        while (cred := plan.next(self._clock.time())) is not None:
+        cred = plan.next(self._clock.time())
+        while cred is not None:
+            if cred.kind == "oauth" and self.accounts is not None:
+                prepared = await self.accounts.prepare(cred)
+                if prepared is None:
+                    cred = plan.next(self._clock.time())
+                    continue
+                cred = prepared
             record.tried.append(cred.label)
-            upstream = await self._send(
-                request.method, origin, target, [*forwarded, *cred.auth_headers()], body, record
-            )
+            headers = forwarded
+            if provider.kind == "codex" and (
+                (last_served is not None and last_served != cred.id) or len(record.tried) > 1
+            ):
+                # The session moved to another account: its sticky-routing token belongs to the old one.
+                headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
+            upstream = await self._send(request.method, origin, target, [*headers, *cred.auth_headers()], body, record)
             try:
-                verdict, prefix = await self._inspect(upstream, cred)
+                verdict, prefix = await self._inspect(upstream, cred, provider)
                 action = action_for(verdict.kind, cred.kind)
-                if action is Action.BLOCK:
-                    self._pool.block(cred, verdict)
-                    log.info(
-                        "credential %s limited (%s) until %.0f (from %s); trying the next one",
-                        cred.label,
-                        verdict.reason,
-                        verdict.until,
-                        verdict.source,
-                    )
-                    continue
-                if action is Action.DISABLE:
-                    self._pool.disable(cred, "invalid_api_key")
-                    log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
-                    continue
-                record.outcome = "served" if upstream.status < 400 else "upstream_status"
-                if upstream.status < 400:
-                    self._pool.succeeded(cred)
-                else:
-                    self._pool.failed(cred, verdict.reason)
-                return await self._relay(request, upstream, prefix, cred, record)
+                stripped = None
+                if action is Action.REPAIR:
+                    stripped = strip_foreign_state(body) if cred.id not in retried else None
+                    if stripped is None:
+                        action = Action.PASS  # nothing to strip (or already did): the client sees the 400
+                if action is Action.PASS:
+                    record.outcome = "served" if upstream.status < 400 else "upstream_status"
+                    if upstream.status < 400:
+                        self._pool.succeeded(cred, session_id)
+                    else:
+                        self._pool.failed(cred, verdict.reason)
+                    return await self._relay(request, upstream, prefix, cred, record)
             finally:
                 upstream.close()
+
+            if action is Action.BLOCK:
+                self._pool.block(cred, verdict)
+                log.info(
+                    "credential %s limited (%s) until %.0f (from %s); trying the next one",
+                    cred.label,
+                    verdict.reason,
+                    verdict.until,
+                    verdict.source,
+                )
+            elif action is Action.DISABLE:
+                self._pool.disable(cred, "invalid_api_key")
+                log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
+            elif action is Action.REFRESH and self.accounts is not None and cred.id not in retried:
+                retried.add(cred.id)
+                refreshed = await self.accounts.refresh_after_401(cred)
+                if refreshed is not None:
+                    cred = refreshed
+                    continue  # replay once on the same credential with its new token
+            elif action is Action.REFRESH:
+                self._pool.disable(cred, "needs_relogin")
+                log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
+            elif action is Action.REPAIR and stripped is not None:
+                retried.add(cred.id)
+                log.info(
+                    "request %s: dropped reasoning of another account; replaying on %s", record.request_id, cred.label
+                )
+                body = stripped
+                continue
+            cred = plan.next(self._clock.time())
         raise self._pool.unavailable(provider.name)
 
     async def _send(
@@ -189,10 +229,19 @@ class Forwarder:
                 await asyncio.sleep(self._limits.connect_retry_delay)
         raise AssertionError("unreachable")
 
-    async def _inspect(self, upstream: UpstreamResponse, cred: Credential) -> tuple[Verdict, bytes]:
+    async def _inspect(self, upstream: UpstreamResponse, cred: Credential, provider: Provider) -> tuple[Verdict, bytes]:
         """Classify an answer before committing it; returns the verdict and the bytes already read."""
-        status = upstream.status
         headers = _lower(upstream.headers)
+        verdict, prefix = await self._classify(upstream, headers, cred)
+        if provider.kind == "codex" and self.accounts is not None:
+            # Usage windows ride on every Codex answer. On a limit answer the verdict decides the block.
+            self.accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
+        return verdict, prefix
+
+    async def _classify(
+        self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
+    ) -> tuple[Verdict, bytes]:
+        status = upstream.status
         now = self._clock.time()
         consecutive = self._pool.state(cred).consecutive_limits
         if status >= 400:
@@ -212,8 +261,8 @@ class Forwarder:
                     if info is not None and info.code in LIMIT_CODES:
                         return classify(status, headers, info, now, consecutive), prefix
                     break
-            return Verdict(Kind.OK), prefix
-        return Verdict(Kind.OK), b""
+            return OK, prefix
+        return OK, b""
 
     async def _relay(
         self, request: web.Request, upstream: UpstreamResponse, prefix: bytes, cred: Credential, record: RequestRecord

@@ -14,8 +14,11 @@ verdict             credential   action
 ok / error          any          PASS: the answer goes to the client as it is
 limited             any          BLOCK: block the credential until the reset, try the next one
 unauthorized        api_key      DISABLE: the key is invalid; keep it in the file, try the next one
-unauthorized        oauth        PASS (token refresh hooks in here)
-bad_continuation    any          PASS (continuation repair hooks in here)
+unauthorized        oauth        REFRESH: refresh the token once, replay on the same credential;
+                                 refused again: "needs re-login", try the next one
+bad_continuation    api_key      PASS
+bad_continuation    oauth        REPAIR: strip the other account's encrypted reasoning and
+                                 ``previous_response_id``, replay once on the same credential
 ==================  ===========  ================================================================
 
 Replays happen only while nothing has reached the client: a response is committed only once the
@@ -38,6 +41,8 @@ class Action(Enum):
     PASS = "pass"  # noqa: S105 (an action, not a password)
     BLOCK = "block"
     DISABLE = "disable"
+    REFRESH = "refresh"
+    REPAIR = "repair"
 
 
 ACTIONS: dict[tuple[Kind, str], Action] = {
@@ -48,9 +53,9 @@ ACTIONS: dict[tuple[Kind, str], Action] = {
     (Kind.LIMITED, "api_key"): Action.BLOCK,
     (Kind.LIMITED, "oauth"): Action.BLOCK,
     (Kind.UNAUTHORIZED, "api_key"): Action.DISABLE,
-    (Kind.UNAUTHORIZED, "oauth"): Action.PASS,
+    (Kind.UNAUTHORIZED, "oauth"): Action.REFRESH,
     (Kind.BAD_CONTINUATION, "api_key"): Action.PASS,
-    (Kind.BAD_CONTINUATION, "oauth"): Action.PASS,
+    (Kind.BAD_CONTINUATION, "oauth"): Action.REPAIR,
 }
 
 
