@@ -119,6 +119,15 @@ def _describe(exc: OSError) -> str:
     return f"{exc.strerror or exc} ({name})" if name else str(exc.strerror or exc)
 
 
+def _remove_stray_temp_files(path: Path) -> None:
+    """Temp files of a writer that crashed. Writers hold the lock while their temp file exists, so any
+    temp file seen by the lock holder is a leftover."""
+    target = path.resolve()
+    for stray in target.parent.glob(f".{target.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stray.unlink()
+
+
 def update_document(
     path: Path,
     change: Callable[[dict[str, Any]], bool],
@@ -134,6 +143,7 @@ def update_document(
     """
     try:
         with lock_for(path, lock_timeout):
+            _remove_stray_temp_files(path)
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:

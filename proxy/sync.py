@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from proxy.clock import Clock
 from proxy.config import Config
 from proxy.credentials import Credential, parse_credentials
 from proxy.custody import Custodian
-from proxy.errors import CredproxyError, StoreError
+from proxy.errors import ConfigError, CredproxyError, StoreError
 from proxy.pool import CredentialState, Pool
 from proxy.state import Entry, expire, merge
 
@@ -101,6 +102,9 @@ class FileSync:
         """Merge the state file into the pool (called once, before serving; blocking is fine then)."""
         try:
             entries = read_state(self.state_file)
+        except ConfigError as exc:
+            self._set_aside(exc)
+            return
         except CredproxyError as exc:
             log.error("ignoring the state file: %s", exc)
             return
@@ -165,7 +169,12 @@ class FileSync:
             return True
 
         try:
-            await asyncio.to_thread(store.update_document, self.state_file, change, missing_ok=True)
+            doc = await asyncio.to_thread(store.update_document, self.state_file, change, missing_ok=True)
+        except ConfigError as exc:
+            # Our own cache file no longer parses: keep it aside for a human and start a fresh one.
+            self._dirty |= {c.id for c in self._pool.all_credentials()}
+            await asyncio.to_thread(self._set_aside, exc)
+            return
         except CredproxyError as exc:
             self._dirty |= dirty
             self._failures += 1
@@ -177,6 +186,25 @@ class FileSync:
             return
         self._failures, self.write_error = 0, ""
         self._state_sig = _signature(self.state_file)
+        # What the file held for other credentials (or newer views of ours) comes back to us too.
+        self._apply(doc.get("credentials"))
+
+    def _apply(self, creds: object) -> None:
+        if isinstance(creds, dict):
+            for cred_id, value in creds.items():
+                entry = Entry.from_json(value)
+                if entry is not None:
+                    self._pool.apply(cred_id, entry)
+
+    def _set_aside(self, exc: Exception) -> None:
+        aside = self.state_file.with_name(f"{self.state_file.name}.corrupt-{int(self._clock.time())}")
+        try:
+            os.replace(self.state_file, aside)
+        except OSError as err:
+            self.write_error = f"{exc}; cannot move it aside: {err.strerror or err}"
+            log.error("the state file is corrupt and cannot be moved aside: %s", self.write_error)
+            return
+        log.error("the state file was corrupt (%s); kept it as %s and started a new one", exc, aside.name)
 
     async def _read_state(self) -> None:
         sig = await asyncio.to_thread(_signature, self.state_file)

@@ -7,7 +7,12 @@ goes through the real loading path.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import signal
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,19 @@ class RunningProxy:
     app: web.Application
     client: aiohttp.ClientSession
     config_path: Path
+    runner: web.AppRunner
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.config_path.parent / "auth.json"
+
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        """Shut the proxy down as SIGTERM would (final state flush included)."""
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
 
     @property
     def pool(self) -> Pool:
@@ -49,6 +67,67 @@ class RunningProxy:
 
 
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServeProcess:
+    """A ``credproxy serve`` process; its log goes to a file (a pipe nobody drains would block it)."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def start_serve(config: Path, *extra: str) -> ServeProcess:
+    """Start ``python -m proxy serve --port 0`` and wait until it listens (the URL comes from its log)."""
+    fd, name = tempfile.mkstemp(dir=config.parent, prefix="credproxy-", suffix=".log")
+    log_path = Path(name)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            *extra,
+            stderr=fd,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(fd)
+    async with asyncio.timeout(30):
+        while True:
+            serving = ServeProcess(process, "", log_path)
+            match = re.search(r"listening on (http://[\d.]+:\d+)", serving.log())
+            if match:
+                serving.url = match.group(1)
+                return serving
+            assert process.returncode is None, "credproxy exited before listening:\n" + serving.log()
+            await asyncio.sleep(0.05)
+
+
+async def stop_serve(serving: ServeProcess) -> tuple[int, str]:
+    """SIGTERM, wait for the exit; returns the exit status and the whole log."""
+    serving.process.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(serving.process.wait(), 30)
+    return code, serving.log()
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for background work to reach ``condition`` (a generous bound; the test fails if it never does).
+
+    Polling is deliberate: the work happens in another task or process that has no event to offer.
+    """
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -78,24 +157,30 @@ def default_providers(fake: FakeUpstream) -> dict[str, Any]:
     base = f"http://127.0.0.1:{fake.port}"
     return {
         "openai": {"mount": "/openai", "upstream": f"{base}/v1"},
-        "openai-codex": {"mount": "/codex", "upstream": f"{base}/backend-api/codex"},
+        # token_url too: a test must never reach auth.openai.com, even by accident.
+        "openai-codex": {
+            "mount": "/codex",
+            "upstream": f"{base}/backend-api/codex",
+            "token_url": f"{base}/oauth/token",
+        },
     }
 
 
 @pytest.fixture
 async def proxy(tmp_path: Path, fake: FakeUpstream, clock: ManualClock) -> AsyncIterator[ProxyFactory]:
     """``await proxy(credentials_doc, providers=..., limits=..., **config)`` -> :class:`RunningProxy`."""
-    runners: list[web.AppRunner] = []
-    sessions: list[aiohttp.ClientSession] = []
+    running: list[RunningProxy] = []
 
     async def make(
-        credentials: dict[str, Any],
+        credentials: dict[str, Any] | None,
         *,
         providers: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         **extra: Any,
     ) -> RunningProxy:
-        write_json(tmp_path / "auth.json", credentials)
+        """``credentials=None`` keeps the files of the previous proxy (a restart, or a second process)."""
+        if credentials is not None:
+            write_json(tmp_path / "auth.json", credentials)
         doc: dict[str, Any] = {"credentials_file": "auth.json", "providers": providers or default_providers(fake)}
         if limits:
             doc["limits"] = limits
@@ -103,13 +188,11 @@ async def proxy(tmp_path: Path, fake: FakeUpstream, clock: ManualClock) -> Async
         config_path = write_json(tmp_path / "config.json", doc)
         app = make_app(load_config(config_path), clock=clock)
         runner, port = await start(app, "127.0.0.1", 0)
-        runners.append(runner)
         session = aiohttp.ClientSession(auto_decompress=False)
-        sessions.append(session)
-        return RunningProxy(f"http://127.0.0.1:{port}", app, session, config_path)
+        running.append(RunningProxy(f"http://127.0.0.1:{port}", app, session, config_path, runner))
+        return running[-1]
 
     yield make
-    for session in sessions:
-        await session.close()
-    for runner in runners:
-        await runner.cleanup()
+    for p in running:
+        await p.client.close()
+        await p.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,41 +14,9 @@ import pytest
 
 from proxy.config import load_config
 from proxy.fake_upstream import FakeUpstream
-from tests.conftest import default_providers, keys, write_json
+from tests.conftest import ROOT, default_providers, keys, start_serve, stop_serve, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
 CANARY = "sk-canary-3f9c2a7b1e"
-
-
-async def start_serve(config: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start ``python -m proxy serve`` and return it with its base URL (read from its log)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        "0",
-        *extra,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        assert line, "credproxy exited before listening"
-        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
-        if match:
-            return process, match.group(1)
-
-
-async def stop(process: asyncio.subprocess.Process) -> tuple[int, str]:
-    process.send_signal(signal.SIGTERM)
-    assert process.stderr is not None
-    rest = await asyncio.wait_for(process.stderr.read(), 30)
-    return await asyncio.wait_for(process.wait(), 30), rest.decode()
 
 
 async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_path: Path, fake: FakeUpstream) -> None:
@@ -57,7 +24,8 @@ async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_
     config = write_json(
         tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
     )
-    process, url = await start_serve(config)
+    serving = await start_serve(config)
+    url = serving.url
     try:
         async with aiohttp.ClientSession() as session:
             async with session.post(
@@ -76,7 +44,7 @@ async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_
             assert b" 400 " in await asyncio.wait_for(reader.read(1000), 10)
             writer.close()
     finally:
-        code, log = await stop(process)
+        code, log = await stop_serve(serving)
     assert code == 0
     assert fake.tokens() == [CANARY]
     assert re.search(r"openai POST /openai/responses -> 200 served session=[0-9a-f]{8} credential=openai#1", log), log
