@@ -125,7 +125,15 @@ def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler at once, which closes
     # the upstream request instead of letting a generation run on for nobody.
     # auto_decompress=False: request bodies pass through byte for byte, Content-Encoding included.
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=75.0, auto_decompress=False)
+    # shutdown_timeout: on SIGTERM, streams in flight get this long to finish before they are cut.
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=75.0,
+        auto_decompress=False,
+        shutdown_timeout=app[CONFIG].limits.shutdown_grace,
+    )
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -12,11 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from proxy import __version__, logs
 from proxy.app import POOL, make_app, serve
 from proxy.config import load_config
 from proxy.errors import ConfigError, StoreError
+from proxy.importer import import_accounts
 
 log = logging.getLogger("credproxy")
 
@@ -30,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", required=True, help="path to the JSON config file")
     serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+
+    import_cmd = commands.add_parser("import", help="add the accounts of a Codex CLI or pi auth.json")
+    import_cmd.add_argument("kind", choices=("codex", "pi"), help="the format of the source file")
+    import_cmd.add_argument("path", nargs="?", help="source file (default ~/.codex/auth.json or ~/.pi/agent/auth.json)")
+    target = import_cmd.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", help="credproxy config: import into its credentials file, for its providers")
+    target.add_argument("--credentials", help="the credentials file to import into")
     return parser
 
 
@@ -38,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "import":
+            return cmd_import(args)
     except (ConfigError, StoreError) as exc:
         print(f"credproxy: {exc}", file=sys.stderr)
         return 2
@@ -62,4 +73,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("credproxy %s listening on http://%s:%d (%s)", __version__, host, port, mounts)
 
     asyncio.run(serve(app, listen.host, listen.port, ready))
+    return 0
+
+
+IMPORT_SOURCES = {"codex": "~/.codex/auth.json", "pi": "~/.pi/agent/auth.json"}
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    source = Path(args.path or IMPORT_SOURCES[args.kind]).expanduser()
+    providers = None
+    if args.config:
+        config = load_config(args.config)
+        target, providers = config.credentials_file, [p.name for p in config.providers]
+    else:
+        target = Path(args.credentials).expanduser().resolve()
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for line in import_accounts(source, args.kind, target, providers):
+        print(line)
+    print(f"credentials file: {target} (unchanged source: {source})")
+    print(
+        "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
+        f"{source} stops working: let credproxy own the account, or log the other tool in again."
+    )
     return 0

@@ -48,6 +48,7 @@ class Limits:
     header_timeout: float = 600.0
     idle_timeout: float = 300.0
     connect_retry_delay: float = 0.25
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +212,7 @@ def _limits(section: _Reader) -> Limits:
         header_timeout=section.number("header_timeout", d.header_timeout, 0.01, 3600),
         idle_timeout=section.number("idle_timeout", d.idle_timeout, 0.01, 3600),
         connect_retry_delay=section.number("connect_retry_delay", d.connect_retry_delay, 0, 10),
+        shutdown_grace=section.number("shutdown_grace", d.shutdown_grace, 0, 3600),
     )
 
 

@@ -19,10 +19,11 @@ the first group holding a usable value wins, and within a group the latest value
 5. "try again in 1.5s" in the error message;
 6. no hint: a default cool-down of 60 s that doubles with each consecutive limit (up to 30 min).
 
-A hint that is negative, not finite, unparsable or more than a year away is ignored; one between
-eight days and a year is clamped to eight days (a weekly plan window fits). A reset in the past
-means "now", and every block lasts at least one second. ``insufficient_quota`` and
-``usage_not_included`` need a human (billing, plan): they block for a day at least and are flagged.
+A hint that is zero, negative, not finite, unparsable or more than a year away is ignored (a zero
+delay says nothing about when the limit ends); one between eight days and a year is clamped to eight
+days (a weekly plan window fits). A reset time in the past means "now", and every block lasts at
+least one second. ``insufficient_quota`` and ``usage_not_included`` need a human (billing, plan):
+they block for a day at least and are flagged.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) 
         ("message", [parse_try_again(error.message) if error else None]),
     )
     for source, deltas in groups:
-        usable = [d for d in deltas if d is not None and 0 <= d <= ABSURD]
+        usable = [d for d in deltas if d is not None and 0 < d <= ABSURD]
         if usable:
             delta = max(usable)
             clamped = delta > MAX_BLOCK
@@ -214,17 +215,17 @@ def _number(value: object, scale: float = 1.0) -> float | None:
 
 
 def _epoch_delta(value: object, now: float) -> float | None:
-    """Seconds from ``now`` to an epoch timestamp (seconds, or milliseconds above 10^12)."""
+    """Seconds from ``now`` to an epoch timestamp (seconds, or milliseconds above 10^12); the past is "now"."""
     epoch = _number(value)
     if epoch is None or epoch <= 0:
         return None
     if epoch > 1e12:
         epoch /= 1000.0
-    return max(epoch - now, 0.0)
+    return max(epoch - now, MIN_BLOCK)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as delay seconds or an HTTP date; a past date means 0."""
+    """``Retry-After`` as delay seconds or an HTTP date; a past date means "now" (the minimum block)."""
     if value is None:
         return None
     seconds = _number(value)
@@ -236,7 +237,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     if when.tzinfo is None:
         return None
-    return max(when.timestamp() - now, 0.0)
+    return max(when.timestamp() - now, MIN_BLOCK)
 
 
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")

@@ -43,15 +43,15 @@ def lock_for(path: Path, timeout: float = LOCK_TIMEOUT) -> FileLock:
 def parse_document(path: Path, raw: bytes) -> dict[str, Any]:
     """Parse the bytes of a credentials file; errors name the file and position, never the content."""
     if not raw.strip():
-        raise ConfigError(path, "", "the credentials file is empty")
+        raise ConfigError(path, "", "the file is empty")
     if raw.startswith(b"\xef\xbb\xbf"):
-        raise ConfigError(path, "", "the credentials file starts with a byte-order mark; save it as plain UTF-8")
+        raise ConfigError(path, "", "the file starts with a byte-order mark; save it as plain UTF-8")
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(path, "", f"not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(doc, dict):
-        raise ConfigError(path, "", "the credentials file must be a JSON object from provider name to credentials")
+        raise ConfigError(path, "", f"expected a JSON object, not {type(doc).__name__}")
     return doc
 
 

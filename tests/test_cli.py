@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.config import load_config
-from proxy.fake_upstream import FakeUpstream
+from proxy.fake_upstream import FakeUpstream, sse
 from tests.conftest import ROOT, default_providers, keys, start_serve, stop_serve, write_json
 
 CANARY = "sk-canary-3f9c2a7b1e"
@@ -116,3 +117,30 @@ def test_the_example_config_is_valid() -> None:
     config = load_config(ROOT / "config.example.json")
     assert [p.name for p in config.providers] == ["openai", "openai-codex"]
     assert config.listen.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("grace", "finishes"), [(10.0, True), (0.3, False)])
+async def test_sigterm_lets_streams_finish_within_the_grace_period(
+    tmp_path: Path, fake: FakeUpstream, grace: float, finishes: bool
+) -> None:
+    """F36: stop accepting, let streams finish up to the grace period, then cut them visibly."""
+    gate = asyncio.Event()
+    fake.on(sse([{"type": "response.created"}, {"type": "response.completed"}], gates=[gate]))
+    write_json(tmp_path / "auth.json", keys(CANARY))
+    doc = {"credentials_file": "auth.json", "providers": default_providers(fake), "limits": {"shutdown_grace": grace}}
+    serving = await start_serve(write_json(tmp_path / "config.json", doc))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{serving.url}/openai/responses", json={"stream": True}) as r:
+            assert b"response.created" in await r.content.readuntil(b"\n\n")
+            serving.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)  # give the signal time to land; the stream is still open
+            if finishes:
+                gate.set()
+                assert b"response.completed" in await r.read()
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(f"{serving.url}/_credproxy/health") as again:
+                await again.read()
+    assert await asyncio.wait_for(serving.process.wait(), 30) == 0
