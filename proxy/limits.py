@@ -201,7 +201,10 @@ def _number(value: object, scale: float = 1.0) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            return None
     elif isinstance(value, str):
         try:
             number = float(value.strip())

@@ -64,7 +64,7 @@ def session_id_from(headers: Mapping[str, str], max_length: int) -> str | None:
         value = headers.get(name)
         if value is None:
             continue
-        value = value.strip()
+        value = value.strip(" \t")  # HTTP whitespace only: any other character is part of the id
         if not value:
             continue
         if len(value) > max_length:
@@ -103,7 +103,7 @@ def order(session_id: str | None, ids: Sequence[str], selector: str, counter: in
     n = len(ids)
     if n <= 1:
         return [0] if n else []
-    if session_id is None:
+    if not session_id:  # the reference treats an empty id as no id
         return rotation(n, counter)
     if selector == "rendezvous":
         return rendezvous(session_id, ids)

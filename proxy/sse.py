@@ -75,19 +75,40 @@ class EventScanner:
 
     def __init__(self, markers: tuple[bytes, ...] = DEFAULT_MARKERS) -> None:
         self._markers = markers
-        self._pending = b""
+        self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` that contains a marker."""
-        data = self._pending + chunk if self._pending else chunk
-        last_lf = data.rfind(b"\n\n")
-        last_crlf = data.rfind(b"\r\n\r\n")
+        pending = self._pending
+        if pending:
+            # The pending bytes hold no separator: only the new bytes (and the three before them, for
+            # a separator cut in two) can end an event. Searching the whole pending event again for
+            # every chunk would make a large event cost time quadratic in its size.
+            search_from = max(len(pending) - 3, 0)
+            pending += chunk
+            data: bytes | bytearray = pending
+        else:
+            # The common case (a chunk that ends at an event boundary) copies nothing.
+            search_from = 0
+            data = chunk
+        last_lf = data.rfind(b"\n\n", search_from)
+        last_crlf = data.rfind(b"\r\n\r\n", search_from)
         if last_lf == -1 and last_crlf == -1:
-            self._pending = data if len(data) <= _MAX_PENDING else b""
+            if len(data) > _MAX_PENDING:
+                pending.clear()
+            elif data is chunk:
+                pending += chunk
             return []
         end = max(last_lf + 2 if last_lf != -1 else 0, last_crlf + 4 if last_crlf != -1 else 0)
-        complete, rest = data[:end], data[end:]
-        self._pending = rest if len(rest) <= _MAX_PENDING else b""
+        if data is chunk:
+            complete = chunk if end == len(chunk) else chunk[:end]
+            if end < len(chunk):
+                pending += chunk[end:]
+        else:
+            complete = bytes(pending[:end])
+            del pending[:end]
+        if len(pending) > _MAX_PENDING:
+            pending.clear()
         if not any(marker in complete for marker in self._markers):
             return []
         found = []
