@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -118,9 +118,9 @@ class ProxyRequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._server.admit(self):
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_BUSY)
-            transport.close()
+            writer = cast(asyncio.Transport, transport)  # uvloop's transports are not registered subclasses
+            writer.write(_BUSY)
+            writer.close()
             return
         self._admitted = True
         super().connection_made(transport)
