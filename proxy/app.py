@@ -17,15 +17,19 @@ from aiohttp import web
 
 from proxy.accounts import Accounts
 from proxy.clock import Clock, SystemClock
-from proxy.config import ADMIN_PREFIX, Config
+from proxy.config import ADMIN_PREFIX, Config, check_listen
 from proxy.credentials import Credential
 from proxy.custody import Custodian
 from proxy.forward import Forwarder
 from proxy.headers import Headers
 from proxy.logs import AccessLog
 from proxy.pool import Pool
+from proxy.private_files import check_private
+from proxy.security import Guard
+from proxy.server import ProxyRunner
 from proxy.store import load_credentials
 from proxy.sync import FileSync
+from proxy.tokens import load_client_tokens
 from proxy.upstream import AiohttpTransport, Transport, UpstreamResponse
 
 log = logging.getLogger("credproxy")
@@ -35,6 +39,7 @@ POOL = web.AppKey("pool", Pool)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 SYNC = web.AppKey("sync", FileSync)
+GUARD = web.AppKey("guard", Guard)
 
 TransportFactory = Callable[[Config], Transport]
 
@@ -50,9 +55,20 @@ def make_app(
     credentials: Mapping[str, Sequence[Credential]] | None = None,
     transport_factory: TransportFactory = default_transport,
 ) -> web.Application:
-    """The proxy as an aiohttp application. ``credentials`` defaults to the configured file."""
+    """The proxy as an aiohttp application. ``credentials`` defaults to the configured file.
+
+    The credentials and client token files must be private (0600, ours), or this refuses with a
+    :class:`~proxy.errors.ConfigError` that says how to fix them.
+    """
     clock = clock or SystemClock()
+    guard = Guard(
+        listen_host=config.listen.host,
+        allowed_hosts=config.security.allowed_hosts,
+        allowed_origins=config.security.allowed_origins,
+        tokens=load_client_tokens(config.security),
+    )
     if credentials is None:
+        check_private(config.credentials_file, "credentials file")
         credentials = load_credentials(config.credentials_file, [p.name for p in config.providers])
     pool = Pool(config.providers, credentials, clock)
     control = ControlSession()
@@ -70,6 +86,7 @@ def make_app(
     app[FORWARDER] = forwarder
     app[ACCOUNTS] = accounts
     app[SYNC] = sync
+    app[GUARD] = guard
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
@@ -122,22 +139,16 @@ class _NotStarted:
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    # handler_cancellation: a client that disconnects cancels its handler at once, which closes
-    # the upstream request instead of letting a generation run on for nobody.
-    # auto_decompress=False: request bodies pass through byte for byte, Content-Encoding included.
-    # shutdown_timeout: on SIGTERM, streams in flight get this long to finish before they are cut.
-    return web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        keepalive_timeout=75.0,
-        auto_decompress=False,
-        shutdown_timeout=app[CONFIG].limits.shutdown_grace,
-    )
+    """The runner with the connection limits of the config and the request guard (see proxy/server.py)."""
+    return ProxyRunner(app, app[GUARD], app[CONFIG].limits)
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving ``app`` on ``host:port`` (0 picks a free port); returns the runner and the port."""
+    """Start serving ``app`` on ``host:port`` (0 picks a free port); returns the runner and the port.
+
+    A non-loopback ``host`` is refused unless client tokens are configured.
+    """
+    check_listen(app[CONFIG], host)
     runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

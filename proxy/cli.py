@@ -15,10 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from proxy import __version__, logs
-from proxy.app import POOL, make_app, serve
-from proxy.config import load_config
+from proxy.app import GUARD, POOL, make_app, serve
+from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.importer import import_accounts
+from proxy.tokens import client_usage, init_token_file
 
 log = logging.getLogger("credproxy")
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = import_cmd.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", help="credproxy config: import into its credentials file, for its providers")
     target.add_argument("--credentials", help="the credentials file to import into")
+
+    init_cmd = commands.add_parser("init", help="create a client token file (mode 0600) and show how clients use it")
+    init_cmd.add_argument("--dir", default=".", help="folder for the token file 'client-token' (default: current)")
     return parser
 
 
@@ -49,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "import":
             return cmd_import(args)
+        if args.command == "init":
+            return cmd_init(args)
     except (ConfigError, StoreError) as exc:
         print(f"credproxy: {exc}", file=sys.stderr)
         return 2
@@ -65,12 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             listen, host=args.host or listen.host, port=args.port if args.port is not None else listen.port
         )
         config = replace(config, listen=listen)
+        if args.host is not None:
+            check_listen(config, flag="--host")
     app = make_app(config)
-    logs.configure(config.logging, known=app[POOL].secrets)
+    logs.configure(config.logging, known=lambda: [*app[POOL].secrets(), *app[GUARD].secrets()])
 
     def ready(host: str, port: int) -> None:
         mounts = ", ".join(f"{p.mount} -> {p.upstream}" for p in config.providers)
         log.info("credproxy %s listening on http://%s:%d (%s)", __version__, host, port, mounts)
+        if not is_loopback(host):
+            log.warning("%s is reachable from other machines: every request must carry a client token", host)
 
     asyncio.run(serve(app, listen.host, listen.port, ready))
     return 0
@@ -95,4 +105,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
         f"{source} stops working: let credproxy own the account, or log the other tool in again."
     )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = init_token_file(Path(args.dir))
+    print(client_usage(path))
     return 0

@@ -19,6 +19,9 @@ import orjson
 from yarl import URL
 
 from proxy.errors import ConfigError
+from proxy.private_files import check_private
+from proxy.secret import Secret
+from proxy.security import host_entry_problem, origin_problem, token_problem
 
 T = TypeVar("T")
 
@@ -49,12 +52,34 @@ class Limits:
     idle_timeout: float = 300.0
     connect_retry_delay: float = 0.25
     shutdown_grace: float = 30.0
+    # The client side (proxy/server.py): what one connection may cost before it is cut.
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 60.0
+    client_keepalive_timeout: float = 75.0
+    max_client_connections: int = 512
+    max_request_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 128
 
 
 @dataclass(frozen=True, slots=True)
 class Logging:
     format: str = "text"
     level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """Who may use the proxy (see :mod:`proxy.security`). Tokens are on when either token key is set."""
+
+    client_tokens: tuple[Secret, ...] = ()
+    client_token_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def tokens_configured(self) -> bool:
+        return bool(self.client_tokens) or self.client_token_file is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +105,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     logging: Logging = field(default_factory=Logging)
+    security: Security = field(default_factory=Security)
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -131,6 +157,17 @@ class _Reader:
             raise self.fail(name, f"must be one of {', '.join(choices)}")
         return value
 
+    def strings(self, name: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
+        """A list of strings, each passing ``check`` (which returns a problem or ``None``)."""
+        values = self.get(name, list, [], "a list of strings")
+        for index, value in enumerate(values):
+            if not isinstance(value, str):
+                raise self.fail(f"{name}[{index}]", f"must be a string, not {type(value).__name__}")
+            problem = check(value)
+            if problem is not None:
+                raise self.fail(f"{name}[{index}]", problem)
+        return tuple(values)
+
     def section(self, name: str, allowed: tuple[str, ...]) -> _Reader:
         value = self.get(name, dict, {}, "an object")
         return _Reader(self.path, value, self.key(name), allowed)
@@ -149,11 +186,14 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(path, "", f"not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(doc, dict):
         raise ConfigError(path, "", "the config must be a JSON object")
-    return parse_config(path, doc)
+    config = parse_config(path, doc)
+    if config.security.client_tokens:
+        check_private(path, "config file (it holds security.client_tokens)")
+    return config
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging"))
+    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "security"))
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -184,13 +224,49 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
     )
     _check_mounts(path, providers)
 
-    return Config(
+    config = Config(
         path=path,
         credentials_file=(base / credentials_file).resolve(),
         providers=providers,
         listen=Listen(host=host, port=port),
         limits=limits,
         logging=log,
+        security=_security(top.section("security", _SECURITY_KEYS), base),
+    )
+    check_listen(config)
+    return config
+
+
+def check_listen(config: Config, host: str | None = None, flag: str = "") -> None:
+    """Refuse a non-loopback listen address unless client tokens are configured.
+
+    ``host`` overrides ``config.listen.host`` (the ``--host`` option; ``flag`` names it in the message).
+    """
+    host = config.listen.host if host is None else host
+    if is_loopback(host) or config.security.tokens_configured:
+        return
+    given = f"{flag} {host}" if flag else host
+    raise ConfigError(
+        config.path,
+        "listen.host",
+        f"{given} is not a loopback address: other machines or containers could spend your credentials. "
+        "Listening there requires client tokens: run `credproxy init` and set security.client_token_file "
+        '(or listen on "127.0.0.1")',
+    )
+
+
+_SECURITY_KEYS = ("client_tokens", "client_token_file", "allowed_hosts", "allowed_origins")
+
+
+def _security(section: _Reader, base: Path) -> Security:
+    token_file = section.get("client_token_file", str, "", "a path string")
+    if "client_token_file" in section.doc and not token_file:
+        raise section.fail("client_token_file", "must not be empty")
+    return Security(
+        client_tokens=tuple(Secret(t) for t in section.strings("client_tokens", token_problem)),
+        client_token_file=(base / token_file).resolve() if token_file else None,
+        allowed_hosts=tuple(h.lower() for h in section.strings("allowed_hosts", host_entry_problem)),
+        allowed_origins=tuple(o.lower() for o in section.strings("allowed_origins", origin_problem)),
     )
 
 
@@ -213,6 +289,13 @@ def _limits(section: _Reader) -> Limits:
         idle_timeout=section.number("idle_timeout", d.idle_timeout, 0.01, 3600),
         connect_retry_delay=section.number("connect_retry_delay", d.connect_retry_delay, 0, 10),
         shutdown_grace=section.number("shutdown_grace", d.shutdown_grace, 0, 3600),
+        client_header_timeout=section.number("client_header_timeout", d.client_header_timeout, 0.01, 3600),
+        client_body_timeout=section.number("client_body_timeout", d.client_body_timeout, 0.01, 3600),
+        client_keepalive_timeout=section.number("client_keepalive_timeout", d.client_keepalive_timeout, 0.01, 3600),
+        max_client_connections=section.integer("max_client_connections", d.max_client_connections, 1, 1_000_000),
+        max_request_line_bytes=section.integer("max_request_line_bytes", d.max_request_line_bytes, 256, 1 << 20),
+        max_header_bytes=section.integer("max_header_bytes", d.max_header_bytes, 256, 1 << 20),
+        max_headers=section.integer("max_headers", d.max_headers, 8, 10_000),
     )
 
 
@@ -270,7 +353,7 @@ def _mount(section: _Reader, mount: str) -> str:
     return mount
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -290,7 +373,7 @@ def _url(section: _Reader, key: str, text: str) -> URL:
         raise section.fail(key, "must not contain user:password@ (credentials come from the credentials file)")
     if url.query_string or url.fragment:
         raise section.fail(key, "must not have a query string or fragment")
-    if url.scheme == "http" and not _is_loopback(url.host):
+    if url.scheme == "http" and not is_loopback(url.host):
         raise section.fail(key, "must use https (plain http is allowed only for loopback test upstreams)")
     return url.with_path(url.path.rstrip("/"))
 

@@ -142,7 +142,7 @@ class Forwarder:
         session_id = session_id_from(request.headers, self._limits.max_session_id_length)
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
-        body = await read_body(request, self._limits.max_body_bytes)
+        body = await read_body(request, self._limits.max_body_bytes, self._limits.client_body_timeout)
         forwarded = hdrs.to_upstream(items)
         origin, base_path = self._origins[provider.name]
         target = upstream_target(base_path, rest, query)
@@ -350,8 +350,17 @@ class Forwarder:
         return None
 
 
-async def read_body(request: web.Request, cap: int) -> bytes:
-    """The whole request body, or 413 as soon as it exceeds ``cap`` (never read past it)."""
+async def read_body(request: web.Request, cap: int, time_limit: float | None = None) -> bytes:
+    """The whole request body; 413 as soon as it exceeds ``cap`` (never read past it), 408 if it takes
+    longer than ``time_limit`` seconds (the server then closes the connection)."""
+    try:
+        async with asyncio.timeout(time_limit):
+            return await _read_body(request, cap)
+    except TimeoutError:
+        raise RequestRejected(408, f"the request body did not arrive within {time_limit} s", "body_timeout") from None
+
+
+async def _read_body(request: web.Request, cap: int) -> bytes:
     length = request.content_length
     if length is not None and length > cap:
         raise RequestRejected(413, f"request body of {length} bytes exceeds the limit of {cap} bytes", "body_too_large")

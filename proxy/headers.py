@@ -7,7 +7,9 @@ body is re-sent from the buffer), ``Expect`` (the body is already here) and cred
 ``x-credproxy-*`` headers. Everything else passes unchanged, in order, duplicates included.
 
 Towards the client: hop-by-hop headers go, and so does ``Set-Cookie`` (a cookie of one account must
-not follow the client to the next); the rest, ``Content-Encoding`` included, passes unchanged.
+not follow the client to the next), and every ``Access-Control-*`` header (credproxy never grants a
+web page cross-origin access, whatever the upstream says); the rest, ``Content-Encoding`` included,
+passes unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CLIENT_ONLY = HOP_BY_HOP | {
 UPSTREAM_ONLY = HOP_BY_HOP | {"set-cookie", "set-cookie2"}
 
 _DROPPED_PREFIXES = ("x-forwarded-", "x-credproxy-")
+_CORS_PREFIX = "access-control-"
 
 Headers = list[tuple[str, str]]
 
@@ -74,7 +77,9 @@ def to_client(items: Iterable[tuple[str, str]]) -> Headers:
     items = list(items)
     named = connection_tokens(items)
     return [
-        (name, value) for name, value in items if (lower := name.lower()) not in UPSTREAM_ONLY and lower not in named
+        (name, value)
+        for name, value in items
+        if (lower := name.lower()) not in UPSTREAM_ONLY and lower not in named and not lower.startswith(_CORS_PREFIX)
     ]
 
 

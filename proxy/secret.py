@@ -52,6 +52,7 @@ class Secret:
 _PATTERNS = re.compile(
     r"(?:"
     r"sk-[A-Za-z0-9_\-]{8,}"  # OpenAI API keys (sk-, sk-proj-, sk-svcacct-)
+    r"|cpx_[A-Za-z0-9_\-]{8,}"  # credproxy client tokens (proxy/tokens.py)
     r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"  # JWTs (access and id tokens)
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"  # any bearer value
     r")"

@@ -6,51 +6,16 @@ Requests that an HTTP client library would refuse to send go over a raw socket.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.fake_upstream import FakeUpstream
 from proxy.selection import fnv1a_utf16
-from tests.conftest import ProxyFactory, RunningProxy, keys
+from tests.conftest import ProxyFactory, keys
+from tests.raw_http import raw_exchange, status_of
 
 KEYS = ("sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-03")
-
-
-async def raw_exchange(p: RunningProxy, data: bytes) -> bytes:
-    """Send raw bytes to the proxy; return its first answer (headers and Content-Length body)."""
-    host, port = p.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    answer = b""
-    try:
-        writer.write(data)
-        await writer.drain()
-        while not _complete(answer):
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            if not chunk:
-                break
-            answer += chunk
-    except ConnectionResetError:
-        pass
-    finally:
-        writer.close()
-    return answer
-
-
-def _complete(answer: bytes) -> bool:
-    head, sep, body = answer.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return True
-
-
-def status_of(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
 
 
 async def test_a_body_over_the_cap_gets_413_before_any_upstream_contact(
