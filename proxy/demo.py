@@ -220,7 +220,9 @@ async def run(out: TextIO, keep_running: bool = False) -> int:
 
 async def _keep_running(demo: Demo, out: TextIO) -> None:
     def limited(recorded: Recorded) -> bool:
-        return recorded.header("x-demo-limit") == demo.tokens.get(recorded.token or "")
+        """``x-demo-limit: alpha,bravo``: those credentials answer usage_limit_reached."""
+        labels = (recorded.header("x-demo-limit") or "").replace(" ", "").split(",")
+        return demo.tokens.get(recorded.token or "") in labels
 
     demo.fake.reset_rules()
     demo.fake.on(usage_limit(resets_in=600), when=limited)
