@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,24 +105,25 @@ async def test_each_app_has_its_own_registry(proxy: ProxyFactory) -> None:
     assert one.app[METRICS].registry is not two.app[METRICS].registry
 
 
-def test_after_the_first_request_of_a_kind_no_labels_are_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_observer_counts_requests_attempts_replays_and_latencies() -> None:
     clock = ManualClock()
     metrics = Metrics(Pool((), {}, clock), clock)
     record = RequestRecord("r1", "POST", "/openai/responses", provider="openai", status=200, outcome="served")
-    record.attempts, record.tried, record.header_seconds = 2, ["a", "b"], [0.1, 0.2]
+    record.attempts, record.tried, record.header_seconds, record.duration = 2, ["a", "b"], [0.01, 0.2], 0.3
     metrics(record)
-
-    def no_labels(*args: Any) -> Any:
-        raise AssertionError("labels() on the request path")
-
-    for family in (metrics.requests, metrics.attempts, metrics.replays, metrics.latency, metrics.duration):
-        monkeypatch.setattr(family, "labels", no_labels)
     metrics(record)
+    metrics(RequestRecord("r2", "GET", "/nowhere", status=404, outcome="rejected"))
     samples = parse(metrics.render().decode())
     assert value(samples, "credproxy_requests_total", provider="openai", status="200", outcome="served") == 2
+    assert value(samples, "credproxy_requests_total", provider="none", status="404", outcome="rejected") == 1
     assert value(samples, "credproxy_upstream_attempts_total", provider="openai") == 4
     assert value(samples, "credproxy_replays_total", provider="openai") == 2
-    assert value(samples, "credproxy_upstream_header_seconds_count", provider="openai") == 4
+    # Buckets are "less than or equal", cumulative; 0.01 sits exactly on a bound.
+    buckets = {"0.005": 0, "0.01": 2, "0.025": 2, "0.1": 2, "0.25": 4, "300.0": 4, "+Inf": 4}
+    for le, count in buckets.items():
+        assert value(samples, "credproxy_upstream_header_seconds_bucket", provider="openai", le=le) == count, le
+    assert value(samples, "credproxy_upstream_header_seconds_sum", provider="openai") == pytest.approx(0.42)
+    assert value(samples, "credproxy_request_duration_seconds_count", provider="openai") == 2
 
 
 @pytest.mark.parametrize(
