@@ -92,7 +92,8 @@ def test_the_compose_example_runs_credproxy_beside_an_agent() -> None:
     assert 'wire_api="responses"' in provider
     assert 'env_key="CREDPROXY_TOKEN"' in provider
     assert "CREDPROXY_TOKEN" in agent["environment"]
-    assert "check_for_update_on_startup=false" in agent["command"]
+    for setting in ("check_for_update_on_startup=false", "analytics.enabled=false", "features.plugins=false"):
+        assert setting in agent["command"]
 
 
 def _free_port() -> int:
