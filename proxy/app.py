@@ -16,13 +16,15 @@ import aiohttp
 from aiohttp import web
 
 from proxy.accounts import Accounts
+from proxy.admin import Admin
 from proxy.clock import Clock, SystemClock
-from proxy.config import ADMIN_PREFIX, Config, check_listen
+from proxy.config import Config, check_listen
 from proxy.credentials import Credential
 from proxy.custody import Custodian
 from proxy.forward import Forwarder
 from proxy.headers import Headers
 from proxy.logs import AccessLog
+from proxy.metrics import Metrics
 from proxy.pool import Pool
 from proxy.private_files import check_private
 from proxy.security import Guard
@@ -40,6 +42,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 SYNC = web.AppKey("sync", FileSync)
 GUARD = web.AppKey("guard", Guard)
+METRICS = web.AppKey("metrics", Metrics)
 
 TransportFactory = Callable[[Config], Transport]
 
@@ -76,6 +79,9 @@ def make_app(
     accounts = Accounts(pool, clock, custodian, control.get)
     forwarder = Forwarder(config, pool, _NotStarted(), clock, accounts)
     forwarder.observers.append(AccessLog(json=config.logging.format == "json"))
+    metrics = Metrics(pool, clock)
+    forwarder.observers.append(metrics)
+    pool.listeners.append(metrics.on_change)
     forwarder.stream_event_hooks.append(accounts.observe_events)
     sync = FileSync(config, pool, clock, custodian)
     sync.load()
@@ -87,6 +93,7 @@ def make_app(
     app[ACCOUNTS] = accounts
     app[SYNC] = sync
     app[GUARD] = guard
+    app[METRICS] = metrics
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
@@ -99,13 +106,11 @@ def make_app(
         await transport.close()
 
     app.cleanup_ctx.append(sessions)
-    app.router.add_get(f"{ADMIN_PREFIX}/health", health)
+    admin = Admin(pool, clock, metrics)
+    admin.extras.update(files=sync.status, tokens=custodian.status)
+    admin.install(app.router)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 class ControlSession:

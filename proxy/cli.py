@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from proxy import __version__, logs
+import orjson
+
+from proxy import __version__, console, demo, logs
 from proxy.app import GUARD, POOL, make_app, serve
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
@@ -43,6 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     init_cmd = commands.add_parser("init", help="create a client token file (mode 0600) and show how clients use it")
     init_cmd.add_argument("--dir", default=".", help="folder for the token file 'client-token' (default: current)")
+
+    demo_cmd = commands.add_parser("demo", help="see credproxy at work: a scripted run against a fake upstream")
+    demo_cmd.add_argument("--keep-running", action="store_true", help="keep the proxy and the fake upstream up")
+
+    for name, text in (("status", "show every credential of a running proxy"), ("which", "show a session's order")):
+        cmd = commands.add_parser(name, help=text)
+        where = cmd.add_mutually_exclusive_group()
+        where.add_argument("--url", help="the proxy's base URL (default: the config's listen address)")
+        where.add_argument("--config", help="the proxy's config file (to find its listen address)")
+        cmd.add_argument("--token", help=f"client token, if the proxy requires one (default: ${console.TOKEN_ENV})")
+        cmd.add_argument("--json", action="store_true", help="print the proxy's JSON answer")
+        if name == "which":
+            cmd.add_argument("--session", help="the session id (as in session-id / X-Session-Id); none: round robin")
+            cmd.add_argument("--provider", help="provider name (required when several are configured)")
+
+    check_cmd = commands.add_parser("check", help="validate a config and its credentials file")
+    check_cmd.add_argument("--config", required=True, help="path to the JSON config file")
     return parser
 
 
@@ -55,11 +75,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_import(args)
         if args.command == "init":
             return cmd_init(args)
-    except (ConfigError, StoreError) as exc:
+        if args.command == "demo":
+            return demo.main(keep_running=args.keep_running)
+        if args.command in ("status", "which"):
+            return cmd_ask(args)
+        if args.command == "check":
+            ok, report = console.check(args.config)
+            print(report, file=sys.stdout if ok else sys.stderr)
+            return 0 if ok else 1
+    except (ConfigError, StoreError, console.ConsoleError) as exc:
         print(f"credproxy: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `credproxy status | head`: the reader left; say nothing more (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 2
 
 
@@ -111,4 +143,19 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     path = init_token_file(Path(args.dir))
     print(client_usage(path))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """``status`` and ``which``: ask a running proxy, print its answer."""
+    url = console.resolve_url(args.url, args.config)
+    token = console.read_token(args.token) or console.token_from_config(args.config)
+    if args.command == "status":
+        doc = console.get_json(url, "/status", token)
+        text = console.render_status(doc, url)
+    else:
+        query = {k: v for k, v in (("session", args.session), ("provider", args.provider)) if v}
+        doc = console.get_json(url, "/which", token, query)
+        text = console.render_which(doc)
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else text)
     return 0

@@ -233,26 +233,24 @@ def responses_events(resp_id: str, model: str, text: str, created: int) -> list[
     done = response_object(resp_id, model, text, created)
     started = {**done, "status": "in_progress", "output": [], "usage": None}
     item = done["output"][0]
-    return [
-        {"type": "response.created", "sequence_number": 0, "response": started},
+    part = item["content"][0]
+    where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
         {
             "type": "response.output_item.added",
-            "sequence_number": 1,
             "output_index": 0,
             "item": {**item, "status": "in_progress", "content": []},
         },
-        {
-            "type": "response.output_text.delta",
-            "sequence_number": 2,
-            "item_id": item["id"],
-            "output_index": 0,
-            "content_index": 0,
-            "delta": text,
-            "logprobs": [],
-        },
-        {"type": "response.output_item.done", "sequence_number": 3, "output_index": 0, "item": item},
-        {"type": "response.completed", "sequence_number": 4, "response": done},
+        # The SDK's stream helper needs the part announced before its deltas.
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
+        {"type": "response.output_text.delta", **where, "delta": text, "logprobs": []},
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": done},
     ]
+    return [{"type": e["type"], "sequence_number": i, **e} for i, e in enumerate(events)]
 
 
 def chat_completion(cid: str, model: str, text: str, created: int) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class RequestRecord:
     error: str = ""
     started: float = 0.0
     duration: float = 0.0
+    header_seconds: list[float] = field(default_factory=list)  # per answered attempt: time to response headers
 
 
 Observer = Callable[[RequestRecord], None]
@@ -221,8 +222,11 @@ class Forwarder:
         """One attempt; a refused connection (the request never left) is tried once more."""
         for retry in (False, True):
             record.attempts += 1
+            sent = self._clock.monotonic()
             try:
-                return await self.transport.request(method, origin, target, headers, body)
+                upstream = await self.transport.request(method, origin, target, headers, body)
+                record.header_seconds.append(self._clock.monotonic() - sent)
+                return upstream
             except ConnectFailed:
                 if retry:
                     raise

@@ -104,7 +104,8 @@ class AccessLog:
             "method": record.method,
             "path": record.path,
             "session": record.session_hash,
-            "credential": record.tried[-1] if record.tried else "",
+            # The credential that answered; none when every one was blocked before sending.
+            "credential": record.tried[-1] if record.tried and record.outcome != "no_credential" else "",
             "tried": record.tried,
             "attempts": record.attempts,
             "status": record.status,

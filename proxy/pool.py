@@ -151,13 +151,17 @@ class Pool:
 
     # Selection -------------------------------------------------------------------------------
 
-    def order(self, provider: str, session_id: str | None) -> list[Credential]:
-        """Every credential of ``provider`` in the order this request should try them."""
+    def order(self, provider: str, session_id: str | None, advance: bool = True) -> list[Credential]:
+        """Every credential of ``provider`` in the order this request should try them.
+
+        ``advance=False`` only looks (``credproxy which``): the round-robin counter stays where it is.
+        """
         config = self._providers[provider]
         counter = 0
         if session_id is None:
             counter = self._counters[provider]
-            self._counters[provider] = counter + 1
+            if advance:
+                self._counters[provider] = counter + 1
         result: list[Credential] = []
         for group, ids in self._groups[provider]:
             result.extend(group[i] for i in selection.order(session_id, ids, config.selector, counter))
