@@ -7,9 +7,9 @@ bounded and reported as "locked", never as "no credentials".
 
 A write is a read-modify-write under the lock (:func:`update_document`): the current file is read and
 parsed, the change applied to it (so credentials this process has never seen are kept), and the
-result replaced atomically (:func:`atomic_write`: temp file in the same directory, fsync, chmod 0600,
-``os.replace``, directory fsync). Any failure leaves the original file intact and raises
-:class:`StoreError`; a file that no longer parses is never overwritten.
+result replaced atomically (:func:`atomic_write`: temp file in the same directory, fsync, chmod 0600
+(or stricter, if the file was), ``os.replace``, directory fsync). Any failure leaves the original file
+intact and raises :class:`StoreError`; a file that no longer parses is never overwritten.
 
 Everything here blocks: call it from a thread (``asyncio.to_thread``) once the event loop runs.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -78,6 +79,7 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
     """Replace ``path`` with ``data`` atomically, mode 0600; on any error the old file stays intact."""
     target = path.resolve()  # write next to the real file when the path is a symlink
     directory = target.parent
+    mode = _private_mode(target)
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
@@ -90,7 +92,7 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
                 view = view[written:]
             if hook:
                 hook("written")
-            os.fchmod(fd, 0o600)
+            os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -112,6 +114,16 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
     except OSError as exc:
         # The new file is in place; only its durability across a power cut is in doubt.
         raise StoreError(f"wrote {path} but could not sync its directory: {_describe(exc)}") from None
+
+
+def _private_mode(target: Path) -> int:
+    """0600, or the existing file's mode when it is stricter (a 0400 file stays 0400): never loosened."""
+    try:
+        existing = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o600
+    mode = existing & 0o600
+    return mode if mode & 0o400 else 0o600
 
 
 def _describe(exc: OSError) -> str:

@@ -33,6 +33,7 @@ from proxy.credentials import Credential, parse_credentials
 from proxy.custody import Custodian
 from proxy.errors import ConfigError, CredproxyError, StoreError
 from proxy.pool import CredentialState, Pool
+from proxy.private_files import check_private
 from proxy.state import Entry, expire, merge
 
 log = logging.getLogger("credproxy.sync")
@@ -225,6 +226,11 @@ class FileSync:
             return
         self._credentials_sig = sig
         names = [p.name for p in self._config.providers]
+        try:
+            await asyncio.to_thread(check_private, self.credentials_file, "credentials file")
+        except ConfigError as exc:
+            # Refusing to serve now would punish the owner for a chmod; say it loudly instead.
+            log.error("%s (still serving)", exc)
         try:
             doc = await asyncio.to_thread(store.read_document, self.credentials_file)
             loaded = parse_credentials(self.credentials_file, doc, names)

@@ -192,3 +192,13 @@ def test_kill_9_at_each_step_of_a_write_leaves_the_old_or_the_new_file(
     store.update_document(creds, rotate)
     assert orjson.loads(creds.read_bytes()) == NEW
     assert no_temp_files(creds.parent)
+
+
+def test_a_write_never_loosens_permissions(creds: Path) -> None:
+    """A read-only (0400) file stays 0400; anything looser becomes 0600."""
+    os.chmod(creds, 0o400)
+    store.update_document(creds, rotate)
+    assert os.stat(creds).st_mode & 0o777 == 0o400
+    os.chmod(creds, 0o644)
+    store.update_document(creds, lambda doc: True)
+    assert os.stat(creds).st_mode & 0o777 == 0o600
