@@ -180,7 +180,9 @@ def test_rendezvous_follows_the_credential_id_not_its_position() -> None:
     random.Random(1).shuffle(shuffled)
     assert shuffled != POOL
     for session_id in SESSIONS[:500]:
-        assert [POOL[i] for i in rendezvous(session_id, POOL)] == [shuffled[i] for i in rendezvous(session_id, shuffled)]
+        assert [POOL[i] for i in rendezvous(session_id, POOL)] == [
+            shuffled[i] for i in rendezvous(session_id, shuffled)
+        ]
 
 
 def test_rendezvous_spreads_sessions_over_the_pool() -> None:
@@ -270,7 +272,13 @@ def test_session_headers_are_consulted_in_the_documented_order() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("X-Session-Id", "s1"), ("X-SESSION-ID", "s1"), ("Session-Id", "s1"), ("Thread-Id", "s1"), ("Conversation_Id", "s1")],
+    [
+        ("X-Session-Id", "s1"),
+        ("X-SESSION-ID", "s1"),
+        ("Session-Id", "s1"),
+        ("Thread-Id", "s1"),
+        ("Conversation_Id", "s1"),
+    ],
 )
 def test_session_header_names_are_case_insensitive_in_a_request_multidict(name: str, expected: str) -> None:
     assert session_id_from(CIMultiDict([(name, "s1")]), MAX) == expected
