@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.accounts import Accounts
+from proxy.backend import STATE, make_backend, state_view
 from proxy.clock import Clock, SystemClock
 from proxy.config import ADMIN_PREFIX, Config
 from proxy.credentials import Credential
@@ -63,6 +64,7 @@ def make_app(
     forwarder.stream_event_hooks.append(accounts.observe_events)
     sync = FileSync(config, pool, clock, custodian)
     sync.load()
+    backend = make_backend(config, pool, clock, custodian, sync)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
@@ -70,19 +72,25 @@ def make_app(
     app[FORWARDER] = forwarder
     app[ACCOUNTS] = accounts
     app[SYNC] = sync
+    app[STATE] = backend
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
         forwarder.transport = transport
-        await sync.start()
+        await backend.start()
         yield
         await accounts.close()
-        await sync.close()
+        await backend.close()
         await control.close()
         await transport.close()
 
     app.cleanup_ctx.append(sessions)
     app.router.add_get(f"{ADMIN_PREFIX}/health", health)
+
+    async def show_state(request: web.Request) -> web.Response:
+        return web.json_response(state_view(pool, backend, clock.time()))
+
+    app.router.add_get(f"{ADMIN_PREFIX}/state", show_state)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
 
