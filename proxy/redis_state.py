@@ -172,7 +172,7 @@ class RedisState:
                 self._urgent = False
                 if self._dirty:
                     await self._push(sorted(self._dirty))
-            if self._clock.monotonic() - self._pulled >= self.poll_interval:
+            if asyncio.get_running_loop().time() - self._pulled >= self.poll_interval:
                 await self._pull()
             await self._reconcile_tokens()
 
@@ -247,16 +247,26 @@ class RedisState:
                 pipe.set(key, encode_usage(entry), px=max(1, int(ttl * 1000)))
 
     async def _pull(self) -> None:
-        """Re-read every credential's keys (the safety net behind the channel)."""
+        """Re-read every credential's keys and token fingerprints (the safety net behind the channel)."""
         creds = self._pool.all_credentials()
+        oauth = [cred for cred in creds if cred.kind == "oauth"]
         keys = [key for cred in creds for key in (self._keys.state(cred.id), self._keys.usage(cred.id))]
         if keys:
             with self.link.guard():
-                stored = await self.link.client.mget(keys)
+                async with self.link.client.pipeline(transaction=False) as pipe:
+                    pipe.mget(keys)
+                    for cred in oauth:
+                        pipe.hget(self._keys.tokens(cred.id), "fp")
+                    stored, *fingerprints = await pipe.execute()
             now = self._clock.time()
             for n, cred in enumerate(creds):
                 self._apply(cred.id, decode_entry(stored[2 * n], stored[2 * n + 1], now))
-        self._pulled = self._clock.monotonic()
+            for cred, fingerprint in zip(oauth, fingerprints, strict=True):
+                if fingerprint is None:
+                    self.tokens.synced.pop(cred.id, None)  # Redis lost them (restarted empty): offer ours again
+                elif fingerprint != cred.fingerprint.encode():
+                    await self._fetch_tokens(cred.id)  # a rotation whose note we missed
+        self._pulled = asyncio.get_running_loop().time()  # the schedule runs on real time, not the injected clock
 
     def _apply(self, cred_id: str, entry: Entry) -> None:
         if self._pool.apply(cred_id, entry):

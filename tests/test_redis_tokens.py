@@ -76,11 +76,11 @@ async def test_the_refresh_lock_excludes_the_other_replica_until_released(replic
 
 
 async def test_the_lock_is_renewed_while_held_and_expires_when_its_holder_stops(replica: Replica) -> None:
-    one = await replica("one", lock_ttl=0.6)
-    two = await replica("two", lock_ttl=0.6, lock_wait=0.2)
+    one = await replica("one", lock_ttl=1.0)
+    two = await replica("two", lock_ttl=1.0, lock_wait=0.2)
     async with one.hold(cred(1)) as fence:
         assert fence == 1
-        await asyncio.sleep(0.9)  # longer than the TTL: renewal keeps it
+        await asyncio.sleep(1.3)  # longer than the TTL: renewal keeps it
         with pytest.raises(StoreError, match="held by another replica"):
             async with two.hold(cred(1)):
                 pass
