@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir './[redis]' \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin credproxy
 
 USER 10001

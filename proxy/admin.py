@@ -6,6 +6,7 @@
 ``GET  /_credproxy/metrics``                Prometheus text exposition
 ``GET  /_credproxy/which?session=&provider=``  the order a session gets, and who serves it now
 ``POST /_credproxy/credentials/<label>/unblock``  put a credential back in rotation now
+``GET  /_credproxy/state``                  the shared state backend's view (file or Redis)
 ==========================================  ==================================================
 
 No answer here ever holds a token (see :mod:`proxy.status`). Mounts cannot overlap the prefix
@@ -33,13 +34,15 @@ log = logging.getLogger("credproxy.admin")
 
 
 class Admin:
-    """The handlers; ``extras`` add sections to the status document (file sync, token custody)."""
+    """The handlers; ``extras`` add sections to the status document (file sync, token custody);
+    ``views`` add JSON endpoints of their own (``GET /_credproxy/<name>``)."""
 
     def __init__(self, pool: Pool, clock: Clock, metrics: Metrics) -> None:
         self._pool = pool
         self._clock = clock
         self._metrics = metrics
         self.extras: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.views: dict[str, Callable[[], Any]] = {}
 
     def install(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"{ADMIN_PREFIX}/health", self.health)
@@ -47,6 +50,15 @@ class Admin:
         router.add_get(f"{ADMIN_PREFIX}/metrics", self.metrics)
         router.add_get(f"{ADMIN_PREFIX}/which", self.which)
         router.add_post(f"{ADMIN_PREFIX}/credentials/{{label}}/unblock", self.unblock)
+        for name, view in self.views.items():
+            router.add_get(f"{ADMIN_PREFIX}/{name}", self._view(view))
+
+    @staticmethod
+    def _view(view: Callable[[], Any]) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.Response:
+            return _json(200, view())
+
+        return handle
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

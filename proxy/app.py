@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.accounts import Accounts
 from proxy.admin import Admin
+from proxy.backend import STATE, make_backend, state_view
 from proxy.clock import Clock, SystemClock
 from proxy.config import Config, check_listen
 from proxy.credentials import Credential
@@ -85,6 +86,7 @@ def make_app(
     forwarder.stream_event_hooks.append(accounts.observe_events)
     sync = FileSync(config, pool, clock, custodian)
     sync.load()
+    backend = make_backend(config, pool, clock, custodian, sync)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
@@ -94,20 +96,22 @@ def make_app(
     app[SYNC] = sync
     app[GUARD] = guard
     app[METRICS] = metrics
+    app[STATE] = backend
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
         forwarder.transport = transport
-        await sync.start()
+        await backend.start()
         yield
         await accounts.close()
-        await sync.close()
+        await backend.close()
         await control.close()
         await transport.close()
 
     app.cleanup_ctx.append(sessions)
     admin = Admin(pool, clock, metrics)
-    admin.extras.update(files=sync.status, tokens=custodian.status)
+    admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status)
+    admin.views["state"] = lambda: state_view(pool, backend, clock.time())
     admin.install(app.router)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app

@@ -33,6 +33,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _SELECTORS = ("hashed", "rendezvous")
 _KINDS = ("openai", "codex")
+_PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,19 @@ class Security:
 
 
 @dataclass(frozen=True, slots=True)
+class State:
+    """Where credential state is shared: ``file`` (memory plus the state file) or ``redis`` (several replicas)."""
+
+    backend: str = "file"
+    url: str = ""  # redis://host:port/db, rediss://... (TLS) or unix:///path; may hold a password: never logged
+    key_prefix: str = "credproxy:"
+    timeout: float = 1.0  # every Redis call (connect and read); Redis never makes a request wait longer
+    lock_ttl: float = 10.0  # the refresh lock expires this long after its holder stops renewing it
+    usage_ttl: float = 3600.0  # usage snapshots expire from Redis this long after they were written
+    poll_interval: float = 5.0  # full re-read of the shared state, behind the pub/sub notifications
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     mount: str
@@ -106,6 +120,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     logging: Logging = field(default_factory=Logging)
     security: Security = field(default_factory=Security)
+    state: State = field(default_factory=State)
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -193,7 +208,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "security"))
+    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "security", "state"))
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -214,6 +229,8 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
         level=logging.choice("level", "info", ("debug", "info", "warning", "error")),
     )
 
+    state = _state(top.section("state", tuple(f.name for f in fields(State))))
+
     providers_doc = top.get("providers", dict, {}, "an object")
     if not any(not name.startswith("$comment") for name in providers_doc):
         raise top.fail("providers", "configure at least one provider")
@@ -232,6 +249,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
         limits=limits,
         logging=log,
         security=_security(top.section("security", _SECURITY_KEYS), base),
+        state=state,
     )
     check_listen(config)
     return config
@@ -297,6 +315,52 @@ def _limits(section: _Reader) -> Limits:
         max_header_bytes=section.integer("max_header_bytes", d.max_header_bytes, 256, 1 << 20),
         max_headers=section.integer("max_headers", d.max_headers, 8, 10_000),
     )
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _state(section: _Reader) -> State:
+    d = State()
+    if "backend" not in section.doc and any(not k.startswith("$comment") for k in section.doc):
+        # Redis settings without a backend would silently mean "no Redis": make the choice explicit.
+        raise section.fail("backend", 'is required with Redis settings: "redis" to use them, "file" not to')
+    backend = section.choice("backend", d.backend, ("file", "redis"))
+    if backend == "redis" and "url" not in section.doc:
+        raise section.fail("url", 'is required with "backend": "redis" (for example "redis://127.0.0.1:6379/0")')
+    prefix = section.get("key_prefix", str, d.key_prefix, "a string")
+    if not _PREFIX.fullmatch(prefix):
+        raise section.fail("key_prefix", "must be 1-64 visible ASCII characters without spaces")
+    return State(
+        backend=backend,
+        url=_redis_url(section, section.get("url", str, "", "a URL string")) if "url" in section.doc else "",
+        key_prefix=prefix,
+        timeout=section.number("timeout", d.timeout, 0.05, 30),
+        lock_ttl=section.number("lock_ttl", d.lock_ttl, 1, 300),
+        usage_ttl=section.number("usage_ttl", d.usage_ttl, 60, 8 * 86400),
+        poll_interval=section.number("poll_interval", d.poll_interval, 0.1, 300),
+    )
+
+
+def _redis_url(section: _Reader, text: str) -> str:
+    # Problems are described without echoing the URL: it may carry a password.
+    try:
+        url = URL(text)
+    except (ValueError, TypeError):
+        raise section.fail("url", "is not a valid URL") from None
+    if url.scheme not in _REDIS_SCHEMES:
+        raise section.fail("url", "must start with redis://, rediss:// (TLS) or unix://")
+    if url.query_string or url.fragment:
+        raise section.fail("url", "must not have a query string or fragment (timeouts are keys of this section)")
+    if url.scheme == "unix":
+        if not url.path or url.path == "/":
+            raise section.fail("url", "must name the socket: unix:///run/redis/redis.sock")
+        return text
+    if not url.host:
+        raise section.fail("url", "must name a host: redis://127.0.0.1:6379/0")
+    if url.path not in ("", "/") and not re.fullmatch(r"/\d{1,2}", url.path):
+        raise section.fail("url", "the path is the database number: redis://host:6379/0")
+    return text
 
 
 def _provider(section: _Reader, name: str) -> Provider:

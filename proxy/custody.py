@@ -21,8 +21,13 @@ refresh is a critical section, per credential, across tasks *and* processes:
    is never retried at once with the same refresh token: the credential is skipped for a while
    (its still-valid access token, if any, keeps serving) and tried again later, after a re-read.
 
-The cross-process lock is an interface (:class:`RefreshLock`) so that replicas on Redis can hold it
-there instead.
+Replicas that share no file (different hosts) also hold the custody in a shared store
+(:class:`SharedTokens`, on Redis: :mod:`proxy.redis_tokens`), inside the file lock: the store yields a
+*fence* for the refresh, the re-read of step 3 asks the store for newer tokens first, and new tokens
+are written there with the fence (a stale holder's write is refused and it adopts the newer tokens).
+While the store is unreachable only the file lock holds; a token that is still valid for a while is
+then not refreshed at all (replicas on other hosts cannot be excluded, and the store may be back
+before the token expires).
 """
 
 from __future__ import annotations
@@ -54,11 +59,33 @@ RETRY_FIRST = 30.0
 RETRY_MAX = 900.0
 TOKEN_CALL_TIMEOUT = 30.0
 REFRESH_LOCK_TIMEOUT = TOKEN_CALL_TIMEOUT + 15.0
+#: While the shared custody is down, a token valid for longer than this is not refreshed yet.
+LOCAL_ONLY_MARGIN = 60.0
 
 
 class RefreshLock(Protocol):
     def hold(self, cred: Credential) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the cross-process refresh custody of ``cred`` (raises StoreError on timeout)."""
+        ...
+
+
+class SharedTokens(Protocol):
+    """Where replicas that share no file hold the refresh custody and exchange rotated tokens."""
+
+    def available(self) -> bool:
+        """False while the store is unreachable (only the local file lock holds then)."""
+        ...
+
+    def hold(self, cred: Credential) -> contextlib.AbstractAsyncContextManager[int | None]:
+        """The custody of ``cred`` across replicas: yields its fence, or ``None`` when the store is down."""
+        ...
+
+    async def newest(self, cred: Credential) -> Credential | None:
+        """Tokens newer than ``cred``'s, if the store has them."""
+        ...
+
+    async def store(self, old: Credential, fresh: Credential, fence: int | None) -> Credential | None:
+        """Publish ``fresh`` tokens (they replace ``old``'s); the newer tokens to adopt if a newer holder wrote."""
         ...
 
 
@@ -112,6 +139,7 @@ class Custodian:
         self._failures: dict[str, int] = {}
         self.unpersisted: dict[str, Credential] = {}
         self.token_calls = 0
+        self.shared: SharedTokens | None = None
 
     def may_refresh(self, cred: Credential) -> bool:
         """False while a credential waits out a transient refresh failure."""
@@ -124,18 +152,26 @@ class Custodian:
             current = self._pool.current(cred)
             if current.token != cred.token:
                 return current  # refreshed by another task while we waited
+            if self._postpone(current, reason):
+                return current
+            shared = self.shared.hold(current) if self.shared is not None else contextlib.nullcontext(None)
             try:
-                async with self._lock.hold(current):
-                    return await self._refresh_locked(current, reason)
+                async with self._lock.hold(current), shared as fence:
+                    return await self._refresh_locked(current, reason, fence)
             except StoreError as exc:
                 log.warning("cannot refresh %s: %s", cred.label, exc)
                 return self._transient(current, "refresh_locked", reason)
 
-    async def _refresh_locked(self, current: Credential, reason: str) -> Credential | None:
-        # Tokens only we hold (a write failed) are newer than the file's: never adopt the file's then.
-        on_disk = None if current.id in self.unpersisted else await self._read(current)
-        if on_disk is not None and on_disk.refresh != current.refresh:
-            adopted = self._adopt(current, on_disk)
+    def _postpone(self, cred: Credential, reason: str) -> bool:
+        if reason != "proactive_expiry" or self.shared is None or self.shared.available():
+            return False
+        expiry = oauth.expires_at(cred.token.reveal(), cred.expires_ms)
+        return expiry is not None and expiry - self._clock.time() > LOCAL_ONLY_MARGIN
+
+    async def _refresh_locked(self, current: Credential, reason: str, fence: int | None) -> Credential | None:
+        newer = await self._newer(current)
+        if newer is not None:
+            adopted = await self._take(current, newer)
             log.info("credential %s: adopted tokens refreshed by another process", current.label)
             if reason == "proactive_expiry" and oauth.needs_refresh(
                 adopted.token.reveal(), adopted.expires_ms, self._clock.time()
@@ -151,6 +187,10 @@ class Custodian:
                 refresh=Secret(result.refresh) if result.refresh else current.refresh,
                 expires_ms=result.expires_ms,
             )
+            if self.shared is not None:
+                winner = await self.shared.store(current, fresh, fence)
+                if winner is not None:
+                    return await self._take(current, winner)
             self._pool.update(fresh)
             self._retry_at.pop(current.id, None)
             self._failures.pop(current.id, None)
@@ -158,9 +198,9 @@ class Custodian:
             await self._persist(current, fresh)
             return fresh
         if result.outcome is oauth.RefreshOutcome.PERMANENT:
-            on_disk = None if current.id in self.unpersisted else await self._read(current)
-            if on_disk is not None and on_disk.refresh != current.refresh:
-                return self._adopt(current, on_disk)
+            newer = await self._newer(current)
+            if newer is not None:
+                return await self._take(current, newer)
             log.warning("credential %s needs a re-login: the token endpoint answered %s", current.label, result.code)
             self._pool.disable(current, "needs_relogin")
             return None
@@ -180,6 +220,32 @@ class Custodian:
             self._pool.block(cred, Verdict(Kind.LIMITED, reason="refresh_failed", until=now + wait, source="refresh"))
             return None
         return cred  # its access token is still valid: keep serving with it
+
+    async def _newer(self, current: Credential) -> Credential | None:
+        """Tokens another process or replica wrote after ours: the shared store's, else the file's."""
+        if self.shared is not None:
+            newer = await self.shared.newest(current)
+            if newer is not None:
+                return newer
+        # Tokens only we hold (a write failed) are newer than the file's: never adopt the file's then.
+        if current.id in self.unpersisted:
+            return None
+        on_disk = await self._read(current)
+        return on_disk if on_disk is not None and on_disk.refresh != current.refresh else None
+
+    async def _take(self, current: Credential, newer: Credential) -> Credential:
+        adopted = self._adopt(current, newer)
+        if self.shared is not None:
+            await self._persist(current, adopted)  # our own file must hold them too (no write if it does)
+        return adopted
+
+    async def adopt(self, newer: Credential) -> None:
+        """Take tokens that another replica refreshed (announced by the shared store)."""
+        current = self._pool.current(newer)
+        if current.token == newer.token and current.refresh == newer.refresh:
+            return
+        await self._take(current, newer)
+        log.info("credential %s: adopted tokens refreshed by another replica", current.label)
 
     def _adopt(self, current: Credential, on_disk: Credential) -> Credential:
         adopted = replace(current, token=on_disk.token, refresh=on_disk.refresh, expires_ms=on_disk.expires_ms)
@@ -236,12 +302,13 @@ class Custodian:
                     "credential %s is no longer in %s; its new tokens are kept in memory only", fresh.label, self._path
                 )
                 return False
+            before = dict(entry)
             entry["access"] = fresh.token.reveal()
             if fresh.refresh is not None:
                 entry["refresh"] = fresh.refresh.reveal()
             if fresh.expires_ms is not None:
                 entry["expires"] = fresh.expires_ms
-            return True
+            return entry != before  # the file may hold them already (another process sharing it wrote them)
 
         store.update_document(self._path, change, hook=self._write_hook)
 

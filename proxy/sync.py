@@ -131,7 +131,11 @@ class FileSync:
     # The loop ---------------------------------------------------------------------------------
 
     def _changed(self, cred: Credential, state: CredentialState) -> None:
-        self._dirty.add(cred.id)
+        self.note(cred.id)
+
+    def note(self, cred_id: str) -> None:
+        """Write this credential's state soon (it changed, here or through another replica)."""
+        self._dirty.add(cred_id)
         self._wake.set()
 
     async def _run(self) -> None:
@@ -257,6 +261,7 @@ class FileSync:
 
     def status(self) -> dict[str, Any]:
         return {
+            "backend": "file",
             "state_file": str(self.state_file),
             "state_write_error": self.write_error,
             "credentials_file_error": self.credentials_error,

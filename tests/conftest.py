@@ -30,6 +30,8 @@ from proxy.config import load_config
 from proxy.fake_upstream import FakeUpstream
 from proxy.pool import Pool
 
+pytest_plugins = ("tests.redis_server",)  # the redis_server fixture (a real redis-server on a free port)
+
 
 @dataclass
 class RunningProxy:
