@@ -204,6 +204,8 @@ def load_config(path: str | Path) -> Config:
     config = parse_config(path, doc)
     if config.security.client_tokens:
         check_private(path, "config file (it holds security.client_tokens)")
+    if config.state.backend == "redis" and URL(config.state.url).password:
+        check_private(path, "config file (state.url holds the Redis password)")
     return config
 
 

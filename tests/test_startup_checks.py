@@ -164,6 +164,18 @@ def test_inline_tokens_require_a_private_config_file(tmp_path: Path) -> None:
         load_config(config)
 
 
+def test_a_redis_password_requires_a_private_config_file(tmp_path: Path) -> None:
+    config = config_at(tmp_path, state={"backend": "redis", "url": "redis://:s3cret-pw@127.0.0.1:6379/0"})
+    assert load_config(config).state.backend == "redis"
+    os.chmod(config, 0o644)
+    with pytest.raises(ConfigError, match=r"Redis password.*mode 0644.*chmod 600") as caught:
+        load_config(config)
+    assert "s3cret-pw" not in str(caught.value)
+    without = config_at(tmp_path, state={"backend": "redis", "url": "redis://127.0.0.1:6379/0"})
+    os.chmod(without, 0o644)
+    assert load_config(without).state.url == "redis://127.0.0.1:6379/0"
+
+
 @pytest.mark.parametrize("loose", [0o644, 0o640, 0o604, 0o660, 0o606, 0o620, 0o602, 0o700 | 0o010])
 def test_b21_a_credentials_file_open_to_group_or_others_refuses_to_start(tmp_path: Path, loose: int) -> None:
     config = load_config(config_at(tmp_path))
