@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.clock import Clock, SystemClock
 from proxy.config import ADMIN_PREFIX, Config
 from proxy.credentials import Credential
+from proxy.fasttransport import FastTransport
 from proxy.forward import Forwarder
 from proxy.headers import Headers
 from proxy.logs import AccessLog
@@ -33,7 +34,9 @@ TransportFactory = Callable[[Config], Transport]
 
 
 def default_transport(config: Config) -> Transport:
-    return AiohttpTransport(config.limits)
+    if config.transport == "aiohttp":
+        return AiohttpTransport(config.limits)
+    return FastTransport(config.limits)
 
 
 def make_app(

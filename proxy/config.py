@@ -28,6 +28,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _SELECTORS = ("hashed", "rendezvous")
 _KINDS = ("openai", "codex")
+#: Upstream transports (``proxy.fasttransport`` and ``proxy.upstream``); the first is the default.
+TRANSPORTS = ("fast", "aiohttp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     logging: Logging = field(default_factory=Logging)
+    transport: str = TRANSPORTS[0]
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -144,7 +147,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging"))
+    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "transport"))
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -182,6 +185,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
         listen=Listen(host=host, port=port),
         limits=limits,
         logging=log,
+        transport=top.choice("transport", TRANSPORTS[0], TRANSPORTS),
     )
 
 
