@@ -98,9 +98,10 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    if isinstance(server, asyncio.Server) and server.sockets:
-        port = server.sockets[0].getsockname()[1]
+    # asyncio.Server or uvloop's Server (not a subclass): both have ``sockets``.
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        port = sockets[0].getsockname()[1]
     return runner, port
 
 

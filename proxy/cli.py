@@ -7,13 +7,12 @@ Each subcommand parses its arguments, loads the config through the one config pa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from proxy import __version__, logs
+from proxy import __version__, eventloop, logs
 from proxy.app import POOL, make_app, serve
 from proxy.config import load_config
 from proxy.errors import ConfigError, StoreError
@@ -61,5 +60,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mounts = ", ".join(f"{p.mount} -> {p.upstream}" for p in config.providers)
         log.info("credproxy %s listening on http://%s:%d (%s)", __version__, host, port, mounts)
 
-    asyncio.run(serve(app, listen.host, listen.port, ready))
+    eventloop.run(serve(app, listen.host, listen.port, ready))
     return 0
