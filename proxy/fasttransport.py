@@ -344,16 +344,19 @@ class FastTransport:
         head = _serialise(method, target, spot.host_header, headers, body)
         retried = False
         while True:
-            connection = self._take(spot)
+            connection = None if retried else self._take(spot)
             if connection is None:
                 connection = await self._connect(spot)
+                if not connection.usable():  # closed by the server before we wrote a byte
+                    connection.close()
+                    raise ConnectFailed("the upstream closed the connection before the request was sent")
             waiter = connection.send(method, head, body)
             try:
                 message, payload = await waiter
             except _Dropped as exc:
                 connection.close()
                 if connection.reused and not exc.got_bytes and method in IDEMPOTENT and not retried:
-                    retried = True  # a stale keep-alive connection; see the module docstring
+                    retried = True  # a stale keep-alive connection: once more, on a new one (module docstring)
                     continue
                 raise UpstreamReset("the upstream closed the connection without a response") from None
             except BaseException:
