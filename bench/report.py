@@ -151,13 +151,15 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         return
     names: list[str] = doc["targets"]
     medians = load_medians(doc)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
     proxies = [n for n in names if n != "direct"]
     width = 0.8 / max(len(proxies), 1)
     for i, name in enumerate(proxies):
         values = [medians[name].get(level, {}).get("cpu_us_per_request", 0.0) for level in LEVELS]
-        ax.bar([x + i * width for x in range(len(LEVELS))], values, width, label=name)
+        ax.bar([x + i * width for x in range(len(LEVELS))], values, width, label=name, color=color[name])
     ax.set_xticks([x + width * (len(proxies) - 1) / 2 for x in range(len(LEVELS))], [str(v) for v in LEVELS])
     ax.set_xlabel("connections")
     ax.set_ylabel("proxy CPU µs per request")
@@ -166,16 +168,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for ax, key, label in ((axes[0][1], "rps", "requests/s"), (axes[1][0], "p99_ms", "p99 latency, ms")):
         for name in names:
             xs = [level for level in LEVELS if level in medians[name]]
-            ax.plot(xs, [medians[name][x][key] for x in xs], marker="o", label=name)
+            ax.plot(xs, [medians[name][x][key] for x in xs], marker="o", label=name, color=color[name])
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(list(LEVELS), [str(v) for v in LEVELS])
         ax.set_xlabel("connections")
         ax.set_ylabel(label)
-        ax.set_title(label + " (POST, canned JSON)")
+        ax.set_title(label + " (POST, canned JSON; log scale)")
         ax.legend(fontsize=8)
     ax = axes[1][1]
     memory = doc.get("memory", {})
     mem_names = [n for n in names if n in memory]
-    ax.bar(mem_names, [memory[n]["kb_per_stream"] for n in mem_names], color="tab:purple")
+    ax.bar(mem_names, [memory[n]["kb_per_stream"] for n in mem_names], color=[color[n] for n in mem_names])
     ax.axhline(20, color="tab:red", linestyle="--", label="target 20 KB")
     ax.set_ylabel("KB of RSS per open stream")
     ax.set_title(f"memory per open SSE stream ({memory[mem_names[0]]['streams'] if mem_names else 0} streams)")
@@ -192,7 +196,8 @@ def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json")
     doc = orjson.loads(path.read_bytes())
     print(table(doc))
-    plot(doc, path.with_suffix(".png"))
+    if len(sys.argv) > 2:
+        plot(doc, Path(sys.argv[2]))
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ async def _memory(target: Target, streams: int, idle_streams: int, nofile: int) 
     if idle_streams and target.name.startswith("credproxy"):
         # A proxied stream holds two sockets in the proxy; the open-file limit caps what can be asked.
         count = min(idle_streams, (nofile - 200) // 2)
-        many = await sse_client.hold("127.0.0.1", target.port, target.hold_path, count, deadline=300)
+        many = await sse_client.hold("127.0.0.1", target.port, target.hold_path, count, deadline=90)
         await asyncio.sleep(1.0)
         row["idle_check"] = {
             "asked": idle_streams,
