@@ -240,6 +240,36 @@ def test_the_request_head_is_serialised_from_the_header_list(run: Any) -> None:
     run(scenario())
 
 
+def test_a_large_body_is_sent_whole(run: Any) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: written after the head, not concatenated to it
+
+    async def scenario() -> None:
+        async with serving(answer_all) as server:
+            assert await get(FastTransport(LIMITS), server, "POST", body) == (200, b"ok")
+        assert server.requests[0].endswith(b"Content-Length: 1048576\r\n\r\n" + body)
+
+    run(scenario())
+
+
+def test_the_idle_pool_keeps_at_most_max_idle_connections(run: Any) -> None:
+    async def scenario() -> None:
+        async with serving(answer_all) as server:
+            transport = FastTransport(LIMITS, max_idle=2)
+            responses = [await transport.request("GET", server.origin, "/", [], b"") for _ in range(4)]
+            for response in responses:
+                await read_all(response)
+                response.close()
+            assert server.connections == 4
+            assert [len(spot.idle) for spot in transport._origins.values()] == [2]
+            for _ in range(3):
+                assert await get(transport, server) == (200, b"ok")
+            assert server.connections == 4
+            await transport.close()
+            assert [len(spot.idle) for spot in transport._origins.values()] == [0]
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\x00b"])
 def test_a_header_value_that_would_inject_is_refused_before_connecting(run: Any, value: str) -> None:
     async def scenario() -> None:
