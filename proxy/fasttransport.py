@@ -215,6 +215,11 @@ class _Connection(BaseProtocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result((message, payload))
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:  # time spent paused (the client was slow) never counts as upstream idle
+            self._last = self._loop.time()
+        super().resume_reading(resume_parser)
+
     def eof_received(self) -> bool:
         self._closed = True
         return False
