@@ -205,8 +205,8 @@ class _Connection(BaseProtocol):
             if 100 <= message.code < 200:
                 continue  # interim (1xx) answers are skipped; the final one follows
             self._payload = payload
-            self._message_done = payload.is_eof() or not isinstance(payload, StreamReader)
-            if isinstance(payload, StreamReader) and not payload.is_eof():
+            self._message_done = payload.is_eof()  # no body (HEAD, 204, 304, length 0), or all of it is in
+            if not self._message_done:
                 payload.on_eof(self._on_body_end)
             if message.should_close:
                 self._closed = True  # answer read to its end, then the connection goes
