@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="where to write the JSON figures")
     parser.add_argument("--plot", type=Path, default=RESULTS / "latest.png", help="where to draw the PNG plot")
     args = parser.parse_args(argv)
+    # SIGTERM (and SIGINT, even when a non-interactive shell started us with it ignored) ends the run
+    # through the same path as Ctrl-C, so that every child is stopped by PID on the way out.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (2.0 if args.quick else 5.0)
     nofile = raise_fd_limit()
@@ -216,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     report.plot(doc, args.plot)
     print(f"\nfigures: {args.out}\nplot: {args.plot}\nelapsed: {doc['elapsed_s']} s")
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 async def sse_phase(targets: list[Target], rounds: int) -> dict[str, Any]:
@@ -297,4 +306,8 @@ async def _memory(target: Target, streams: int, idle_streams: int, nofile: int) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        print(f"bench: interrupted ({stop or 'SIGINT'}); every process it started was stopped", file=sys.stderr)
+        sys.exit(130)
