@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
-from proxy.config import Limits
-from proxy.errors import ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
+from proxy.app import default_transport
+from proxy.config import Limits, parse_config
+from proxy.errors import ConfigError, ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 from proxy.eventloop import uvloop
 from proxy.fasttransport import READ_BUFFER, FastTransport
+from proxy.upstream import AiohttpTransport
 
 LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
 LIMITS = Limits(connect_timeout=5, header_timeout=5, idle_timeout=5)
@@ -545,3 +547,26 @@ def test_https_verifies_the_certificate(run: Any, certificate: tuple[Path, Path]
         assert server.requests[-1].startswith(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:")
 
     run(scenario())
+
+
+# Selection by config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("doc", "expected"), [({}, "fast"), ({"transport": "aiohttp"}, "aiohttp")])
+def test_the_transport_is_chosen_in_the_config(doc: dict[str, Any], expected: str) -> None:
+    providers = {"openai": {"mount": "/openai", "upstream": "https://api.openai.com/v1"}}
+    config = parse_config(Path("config.json"), {"providers": providers, **doc})
+    assert config.transport == expected
+
+    async def built() -> type:
+        transport = default_transport(config)  # aiohttp's session wants a running loop
+        await transport.close()
+        return type(transport)
+
+    assert asyncio.run(built()) is (FastTransport if expected == "fast" else AiohttpTransport)
+
+
+def test_an_unknown_transport_is_refused_naming_the_key() -> None:
+    providers = {"openai": {"mount": "/openai", "upstream": "https://api.openai.com/v1"}}
+    with pytest.raises(ConfigError, match="at transport: must be one of fast, aiohttp"):
+        parse_config(Path("config.json"), {"providers": providers, "transport": "curl"})
