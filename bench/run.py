@@ -33,8 +33,8 @@ from typing import Any
 import orjson
 
 from bench import loadgen, nginx, report, sse_client
-from bench.loop import run
 from bench.procs import Processes, Running, free_port, raise_fd_limit
+from proxy.eventloop import run
 
 LEVELS = (1, 16, 128, 512)
 KEYS = [f"sk-bench-{i:02d}-{'x' * 24}" for i in range(8)]

@@ -19,8 +19,8 @@ import asyncio
 import signal
 from typing import cast
 
-from bench.loop import run
 from bench.payloads import JSON_BODY, sse_event
+from proxy.eventloop import run
 
 MAX_HEAD = 64 * 1024
 
