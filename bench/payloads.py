@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.fake_upstream import response_object
+
 #: The request body the load generator POSTs (a small Responses request).
 REQUEST_BODY = orjson.dumps({"model": "gpt-bench", "input": "Say hello in one word.", "stream": False})
 
 #: The canned answer of the fake upstream: a completed Responses object of a typical small size.
-JSON_BODY = orjson.dumps(
-    {
-        "id": "resp_bench_0001",
-        "object": "response",
-        "created_at": 1700000000,
-        "status": "completed",
-        "model": "gpt-bench",
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_bench_0001",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": "Hello.", "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": 12,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": 2,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 14,
-        },
-    }
-)
+JSON_BODY = orjson.dumps(response_object("resp_bench_0001", "gpt-bench", "Hello.", 1700000000))
 
 
 def sse_event(index: int) -> bytes:
