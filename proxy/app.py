@@ -22,6 +22,7 @@ from proxy.clock import Clock, SystemClock
 from proxy.config import Config, check_listen
 from proxy.credentials import Credential
 from proxy.custody import Custodian
+from proxy.fasttransport import FastTransport
 from proxy.forward import Forwarder
 from proxy.headers import Headers
 from proxy.logs import AccessLog
@@ -49,7 +50,9 @@ TransportFactory = Callable[[Config], Transport]
 
 
 def default_transport(config: Config) -> Transport:
-    return AiohttpTransport(config.limits)
+    if config.transport == "aiohttp":
+        return AiohttpTransport(config.limits)
+    return FastTransport(config.limits)
 
 
 def make_app(
@@ -162,9 +165,10 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    if isinstance(server, asyncio.Server) and server.sockets:
-        port = server.sockets[0].getsockname()[1]
+    # asyncio.Server or uvloop's Server (not a subclass): both have ``sockets``.
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        port = sockets[0].getsockname()[1]
     return runner, port
 
 

@@ -7,7 +7,6 @@ Each subcommand parses its arguments, loads the config through the one config pa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy import __version__, console, demo, logs
+from proxy import __version__, console, demo, eventloop, logs
 from proxy.app import GUARD, POOL, make_app, serve
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
@@ -114,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not is_loopback(host):
             log.warning("%s is reachable from other machines: every request must carry a client token", host)
 
-    asyncio.run(serve(app, listen.host, listen.port, ready))
+    eventloop.run(serve(app, listen.host, listen.port, ready))
     return 0
 
 

@@ -34,6 +34,8 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _SELECTORS = ("hashed", "rendezvous")
 _KINDS = ("openai", "codex")
 _PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
+#: Upstream transports (``proxy.fasttransport`` and ``proxy.upstream``); the first is the default.
+TRANSPORTS = ("fast", "aiohttp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     security: Security = field(default_factory=Security)
     state: State = field(default_factory=State)
+    transport: str = TRANSPORTS[0]
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -209,8 +212,11 @@ def load_config(path: str | Path) -> Config:
     return config
 
 
+_TOP_KEYS = ("listen", "credentials_file", "providers", "limits", "logging", "security", "state", "transport")
+
+
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", ("listen", "credentials_file", "providers", "limits", "logging", "security", "state"))
+    top = _Reader(path, doc, "", _TOP_KEYS)
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -252,6 +258,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
         logging=log,
         security=_security(top.section("security", _SECURITY_KEYS), base),
         state=state,
+        transport=top.choice("transport", TRANSPORTS[0], TRANSPORTS),
     )
     check_listen(config)
     return config

@@ -272,6 +272,9 @@ class Forwarder:
         self, request: web.Request, upstream: UpstreamResponse, prefix: bytes, cred: Credential, record: RequestRecord
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        # Send the head with the first body bytes (one write, not two); aiohttp sends it on the first
+        # write() or at write_eof(). Without this attribute (an older aiohttp) it goes at prepare().
+        response._send_headers_immediately = False
         out = response.headers
         for name, value in hdrs.to_client(upstream.headers):
             out.add(name, value)

@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 LIMIT_CODES = frozenset({"usage_limit_reached", "usage_not_included", "rate_limit_exceeded", "insufficient_quota"})
 ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included"})
 CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
+_KNOWN_CODES = LIMIT_CODES | CONTINUATION_CODES
 
 MIN_BLOCK = 1.0
 DEFAULT_COOLDOWN = 60.0
@@ -98,7 +100,7 @@ def error_info(doc: object) -> ErrorInfo | None:
     code = err.get("code")
     typ = err.get("type")
     # ``type`` carries the Codex codes; ``code`` carries the OpenAI API ones.
-    if not (isinstance(code, str) and code in LIMIT_CODES | CONTINUATION_CODES):
+    if not (isinstance(code, str) and code in _KNOWN_CODES):
         code = typ if isinstance(typ, str) and typ in LIMIT_CODES else code
     message = err.get("message")
     return ErrorInfo(
@@ -155,14 +157,9 @@ def default_cooldown(consecutive: int) -> float:
 
 def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) -> tuple[float, str, bool] | None:
     """``(until, source, clamped)`` from the best usable hint, or ``None`` when there is none."""
-    groups: tuple[tuple[str, list[float | None]], ...] = (
-        ("plan_window", _plan_window_deltas(headers, error, now)),
-        ("retry-after-ms", [_number(headers.get("retry-after-ms"), scale=0.001)]),
-        ("retry-after", [parse_retry_after(headers.get("retry-after"), now)]),
-        ("x-ratelimit-reset", _ratelimit_reset_deltas(headers)),
-        ("message", [parse_try_again(error.message) if error else None]),
-    )
-    for source, deltas in groups:
+    # Groups are computed lazily, in priority order: most answers carry an early one, so the costlier
+    # parsers below (Go durations, message regexes) rarely run.
+    for source, deltas in _hint_groups(headers, error, now):
         usable = [d for d in deltas if d is not None and 0 < d <= ABSURD]
         if usable:
             delta = max(usable)
@@ -171,17 +168,36 @@ def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) 
     return None
 
 
+def _hint_groups(
+    headers: Mapping[str, str], error: ErrorInfo | None, now: float
+) -> Iterator[tuple[str, list[float | None]]]:
+    yield "plan_window", _plan_window_deltas(headers, error, now)
+    if "retry-after-ms" in headers:
+        yield "retry-after-ms", [_number(headers["retry-after-ms"], scale=0.001)]
+    if "retry-after" in headers:
+        yield "retry-after", [parse_retry_after(headers["retry-after"], now)]
+    yield "x-ratelimit-reset", _ratelimit_reset_deltas(headers)
+    if error is not None and error.message:
+        yield "message", [parse_try_again(error.message)]
+
+
+_CODEX_WINDOW_HEADERS = tuple(
+    (f"x-codex-{w}-used-percent", f"x-codex-{w}-reset-at", f"x-codex-{w}-reset-after-seconds")
+    for w in ("primary", "secondary")
+)
+
+
 def _plan_window_deltas(headers: Mapping[str, str], error: ErrorInfo | None, now: float) -> list[float | None]:
     deltas: list[float | None] = []
     if error is not None:
         deltas.append(_epoch_delta(error.resets_at, now))
         deltas.append(_number(error.resets_in_seconds))
-    for window in ("primary", "secondary"):
-        used = _number(headers.get(f"x-codex-{window}-used-percent"))
+    for used_name, at_name, after_name in _CODEX_WINDOW_HEADERS:
+        used = _number(headers.get(used_name))
         if used is None or used < 100:
             continue
-        deltas.append(_epoch_delta(headers.get(f"x-codex-{window}-reset-at"), now))
-        deltas.append(_number(headers.get(f"x-codex-{window}-reset-after-seconds")))
+        deltas.append(_epoch_delta(headers.get(at_name), now))
+        deltas.append(_number(headers.get(after_name)))
     return deltas
 
 
@@ -248,6 +264,7 @@ _GO_FULL = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+@lru_cache(maxsize=512)
 def parse_go_duration(value: str | None) -> float | None:
     """A Go duration string (``20ms``, ``1s``, ``6m0s``, ``1h2m3.5s``) in seconds."""
     if value is None:

@@ -83,6 +83,10 @@ def configure(settings: Logging, known: KnownSecrets = tuple, stream: Any = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # No formatter shows a record's thread, process or source line: not collecting them saves more
+    # than half of an access line's cost (os.getpid() and a frame walk per record).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     # aiohttp's own access log duplicates ours; keep its warnings and errors only.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return handler

@@ -26,7 +26,7 @@ from yarl import URL
 
 from proxy.app import POOL, make_app, start
 from proxy.clock import ManualClock
-from proxy.config import load_config
+from proxy.config import TRANSPORTS, load_config
 from proxy.fake_upstream import FakeUpstream
 from proxy.pool import Pool
 
@@ -168,9 +168,14 @@ def default_providers(fake: FakeUpstream) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path, fake: FakeUpstream, clock: ManualClock) -> AsyncIterator[ProxyFactory]:
-    """``await proxy(credentials_doc, providers=..., limits=..., **config)`` -> :class:`RunningProxy`."""
+@pytest.fixture(params=TRANSPORTS)
+async def proxy(
+    request: pytest.FixtureRequest, tmp_path: Path, fake: FakeUpstream, clock: ManualClock
+) -> AsyncIterator[ProxyFactory]:
+    """``await proxy(credentials_doc, providers=..., limits=..., **config)`` -> :class:`RunningProxy`.
+
+    Parametrized by upstream transport: every end-to-end test runs once on each.
+    """
     running: list[RunningProxy] = []
 
     async def make(
@@ -183,7 +188,11 @@ async def proxy(tmp_path: Path, fake: FakeUpstream, clock: ManualClock) -> Async
         """``credentials=None`` keeps the files of the previous proxy (a restart, or a second process)."""
         if credentials is not None:
             write_json(tmp_path / "auth.json", credentials)
-        doc: dict[str, Any] = {"credentials_file": "auth.json", "providers": providers or default_providers(fake)}
+        doc: dict[str, Any] = {
+            "credentials_file": "auth.json",
+            "providers": providers or default_providers(fake),
+            "transport": request.param,
+        }
         if limits:
             doc["limits"] = limits
         doc.update(extra)
