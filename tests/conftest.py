@@ -72,6 +72,16 @@ ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def run_credproxy(*args: str, within: float = 60) -> tuple[int, str, str]:
+    """Run ``python -m proxy ARGS`` to completion; returns its exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    out, err = await asyncio.wait_for(process.communicate(), within)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 @dataclass
 class ServeProcess:
     """A ``credproxy serve`` process; its log goes to a file (a pipe nobody drains would block it)."""

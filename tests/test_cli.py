@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.fake_upstream import FakeUpstream, sse
-from tests.conftest import ROOT, default_providers, keys, start_serve, stop_serve, write_json
+from tests.conftest import ROOT, default_providers, keys, run_credproxy, start_serve, stop_serve, write_json
 
 CANARY = "sk-canary-3f9c2a7b1e"
 
@@ -68,19 +67,9 @@ async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_
 async def test_a_bad_config_refuses_to_start_naming_file_and_key(tmp_path: Path, doc: dict[str, Any], key: str) -> None:
     config = write_json(tmp_path / "config.json", doc)
     before = config.read_bytes()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
-    assert f"{config} at {key}:" in err.decode()
+    code, _, err = await run_credproxy("serve", "--config", str(config))
+    assert code == 2
+    assert f"{config} at {key}:" in err
     assert config.read_bytes() == before
 
 
@@ -94,22 +83,11 @@ async def test_a_corrupt_credentials_file_refuses_to_start_without_printing_it(
     config = write_json(
         tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
-    text = err.decode()
-    assert str(auth) in text
-    assert "line 1, column" in text
-    assert CANARY not in text
+    code, _, err = await run_credproxy("serve", "--config", str(config))
+    assert code == 2
+    assert str(auth) in err
+    assert "line 1, column" in err
+    assert CANARY not in err
     assert auth.read_bytes() == before
 
 

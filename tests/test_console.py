@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,25 +17,13 @@ from proxy.clock import ManualClock
 from proxy.console import render_which, state_text, usage_text
 from proxy.fake_upstream import FakeUpstream, usage_limit
 from proxy.selection import fnv1a_utf16
-from tests.conftest import ProxyFactory, keys, write_json
+from tests.conftest import ProxyFactory, keys, run_credproxy, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("sk-console-alpha-01", "sk-console-bravo-02")
 
 
-async def credproxy(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+credproxy = run_credproxy
 
 
 async def test_status_prints_a_table_per_provider_and_json_for_scripts(

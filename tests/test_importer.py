@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from proxy.errors import ConfigError
 from proxy.fake_accounts import fake_jwt
 from proxy.importer import import_accounts
 from proxy.store import load_credentials
-from tests.conftest import ROOT, write_json
+from tests.conftest import run_credproxy, write_json
 
 EXP = 1_900_000_000
 
@@ -114,23 +112,9 @@ def test_unusable_sources_are_refused_and_nothing_is_written(tmp_path: Path, con
 async def test_the_import_command(tmp_path: Path) -> None:
     source = write_json(tmp_path / "codex-auth.json", codex_auth("acct-1", "rt-secret-1"))
     target = tmp_path / "auth.json"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "import",
-        "codex",
-        str(source),
-        "--credentials",
-        str(target),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err
-    text = out.decode()
-    assert "added: openai-codex oauth dev@example.test" in text
-    assert "single-use" in text
-    assert "rt-secret-1" not in text + err.decode()
+    code, out, err = await run_credproxy("import", "codex", str(source), "--credentials", str(target))
+    assert code == 0, err
+    assert "added: openai-codex oauth dev@example.test" in out
+    assert "single-use" in out
+    assert "rt-secret-1" not in out + err
     assert orjson.loads(target.read_bytes())["openai-codex"][0]["refresh"] == "rt-secret-1"

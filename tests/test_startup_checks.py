@@ -8,11 +8,9 @@ and check that it was never contacted.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import stat
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from proxy.config import Limits, load_config
 from proxy.errors import ConfigError
 from proxy.fake_upstream import FakeUpstream
 from proxy.tokens import TOKEN_FILE_NAME, init_token_file, load_client_tokens, parse_token_file
-from tests.conftest import ProxyFactory, default_providers, keys, write_json
+from tests.conftest import ProxyFactory, default_providers, keys, run_credproxy, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "cpx_startup-token-0123456789ab"
@@ -50,20 +48,8 @@ def config_at(tmp_path: Path, **doc: Any) -> Path:
 
 async def run_serve(config: Path, *extra: str) -> tuple[int, str]:
     """Run ``credproxy serve`` expecting it to refuse to start; returns its exit code and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        *extra,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, err.decode()
+    code, _, err = await run_credproxy("serve", "--config", str(config), *extra, within=30)
+    return code, err
 
 
 @pytest.mark.parametrize(
