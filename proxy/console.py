@@ -26,6 +26,7 @@ import orjson
 from proxy import table
 from proxy.config import ADMIN_PREFIX, Config, load_config
 from proxy.errors import ConfigError, CredproxyError
+from proxy.private_files import check_private
 from proxy.store import load_credentials
 from proxy.tokens import load_client_tokens
 
@@ -240,8 +241,17 @@ def check(config_path: str) -> tuple[bool, str]:
         return False, "\n".join(lines)
     mode = stat.S_IMODE(os.stat(path).st_mode)
     lines.append(f"credentials {path} (mode {mode:04o})")
-    if mode & 0o077:
-        problems.append(f"{path} is readable or writable by other users (mode {mode:04o}); run: chmod 600 {path}")
+    # The same start-up checks `serve` makes: a file `check` passes, `serve` accepts.
+    try:
+        check_private(path, "credentials file")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        tokens = load_client_tokens(config.security)
+        where = f" ({config.security.client_token_file})" if config.security.client_token_file else ""
+        lines.append(f"client tokens: {len(tokens)} required{where}" if tokens else "client tokens: off (loopback)")
+    except ConfigError as exc:
+        problems.append(str(exc))
     for provider in config.providers:
         lines.append("")
         lines.append(

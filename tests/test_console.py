@@ -145,10 +145,11 @@ async def test_check_prints_what_would_be_served_without_tokens(tmp_path: Path) 
     ("case", "message"),
     [
         ("no credentials", "provider openai has no credentials"),
-        ("world readable", "readable or writable by other users (mode 0644); run: chmod 600"),
+        ("world readable", "accessible by group or others (mode 0644); it holds secrets: fix: chmod 600"),
         ("missing file", "the credentials file does not exist"),
         ("bad config", "at providers.openai.upstream: must be an absolute http(s) URL"),
         ("bad key", "at openai[0].key: contains whitespace"),
+        ("missing token file", "the client token file does not exist"),
     ],
 )
 def test_check_fails_with_a_clear_message(
@@ -167,6 +168,9 @@ def test_check_fails_with_a_clear_message(
         (tmp_path / "auth.json").unlink()
     if case == "bad config":
         write_json(config, {"providers": {"openai": {"mount": "/openai", "upstream": "ftp://x"}}})
+    if case == "missing token file":  # `serve` would refuse to start: `check` must not say "ok"
+        doc = orjson.loads(config.read_bytes())
+        write_json(config, {**doc, "security": {"client_token_file": "client-token"}})
     assert cli.main(["check", "--config", str(config)]) == 1
     out, err = capsys.readouterr()
     assert message in err
