@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ from yarl import URL
 from proxy.errors import ConfigError
 from proxy.private_files import check_private
 from proxy.secret import Secret
+from proxy.section import Section, as_object
 from proxy.security import host_entry_problem, origin_problem, token_problem
 
 T = TypeVar("T")
@@ -132,65 +133,6 @@ class Config:
         raise KeyError(name)
 
 
-class _Reader:
-    """Typed access to one JSON object of the config, with errors that name file and key."""
-
-    def __init__(self, path: Path, doc: Mapping[str, Any], where: str, allowed: tuple[str, ...]) -> None:
-        self.path, self.doc, self.where = path, doc, where
-        for key in doc:
-            if key not in allowed and not key.startswith("$comment"):
-                raise ConfigError(path, self.key(key), f"unknown key (expected one of: {', '.join(allowed)})")
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), problem)
-
-    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T, what: str) -> T:
-        if name not in self.doc:
-            return default
-        value = self.doc[name]
-        if isinstance(value, bool) and kind is not bool:
-            raise self.fail(name, f"must be {what}, not a boolean")
-        if not isinstance(value, kind):
-            raise self.fail(name, f"must be {what}, not {type(value).__name__}")
-        return value  # type: ignore[return-value]
-
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        value = float(self.get(name, (int, float), default, "a number"))
-        if not low <= value <= high:
-            raise self.fail(name, f"must be between {low:g} and {high:g}")
-        return value
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        value = self.get(name, int, default, "an integer")
-        if not low <= value <= high:
-            raise self.fail(name, f"must be between {low} and {high}")
-        return value
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.get(name, str, default, "a string")
-        if value not in choices:
-            raise self.fail(name, f"must be one of {', '.join(choices)}")
-        return value
-
-    def strings(self, name: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
-        """A list of strings, each passing ``check`` (which returns a problem or ``None``)."""
-        values = self.get(name, list, [], "a list of strings")
-        for index, value in enumerate(values):
-            if not isinstance(value, str):
-                raise self.fail(f"{name}[{index}]", f"must be a string, not {type(value).__name__}")
-            problem = check(value)
-            if problem is not None:
-                raise self.fail(f"{name}[{index}]", problem)
-        return tuple(values)
-
-    def section(self, name: str, allowed: tuple[str, ...]) -> _Reader:
-        value = self.get(name, dict, {}, "an object")
-        return _Reader(self.path, value, self.key(name), allowed)
-
-
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file at ``path``."""
     path = Path(path)
@@ -216,7 +158,7 @@ _TOP_KEYS = ("listen", "credentials_file", "providers", "limits", "logging", "se
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
-    top = _Reader(path, doc, "", _TOP_KEYS)
+    top = Section(path, doc, "", _TOP_KEYS)
     base = path.parent
 
     listen = top.section("listen", ("host", "port"))
@@ -243,7 +185,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
     if not any(not name.startswith("$comment") for name in providers_doc):
         raise top.fail("providers", "configure at least one provider")
     providers = tuple(
-        _provider(_Reader(path, _as_object(path, f"providers.{name}", spec), f"providers.{name}", _PROVIDER_KEYS), name)
+        _provider(Section(path, as_object(path, f"providers.{name}", spec), f"providers.{name}", _PROVIDER_KEYS), name)
         for name, spec in providers_doc.items()
         if not name.startswith("$comment")
     )
@@ -285,7 +227,7 @@ def check_listen(config: Config, host: str | None = None, flag: str = "") -> Non
 _SECURITY_KEYS = ("client_tokens", "client_token_file", "allowed_hosts", "allowed_origins")
 
 
-def _security(section: _Reader, base: Path) -> Security:
+def _security(section: Section, base: Path) -> Security:
     token_file = section.get("client_token_file", str, "", "a path string")
     if "client_token_file" in section.doc and not token_file:
         raise section.fail("client_token_file", "must not be empty")
@@ -300,13 +242,7 @@ def _security(section: _Reader, base: Path) -> Security:
 _PROVIDER_KEYS = ("mount", "upstream", "kind", "selector", "token_url", "client_id", "usage_url", "soft_limit_percent")
 
 
-def _as_object(path: Path, key: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(path, key, f"must be an object, not {type(value).__name__}")
-    return value
-
-
-def _limits(section: _Reader) -> Limits:
+def _limits(section: Section) -> Limits:
     d = Limits()
     return Limits(
         max_body_bytes=section.integer("max_body_bytes", d.max_body_bytes, 1024, 1 << 30),
@@ -329,7 +265,7 @@ def _limits(section: _Reader) -> Limits:
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _state(section: _Reader) -> State:
+def _state(section: Section) -> State:
     d = State()
     if "backend" not in section.doc and any(not k.startswith("$comment") for k in section.doc):
         # Redis settings without a backend would silently mean "no Redis": make the choice explicit.
@@ -351,7 +287,7 @@ def _state(section: _Reader) -> State:
     )
 
 
-def _redis_url(section: _Reader, text: str) -> str:
+def _redis_url(section: Section, text: str) -> str:
     # Problems are described without echoing the URL: it may carry a password.
     try:
         url = URL(text)
@@ -372,7 +308,7 @@ def _redis_url(section: _Reader, text: str) -> str:
     return text
 
 
-def _provider(section: _Reader, name: str) -> Provider:
+def _provider(section: Section, name: str) -> Provider:
     if not _NAME.fullmatch(name):
         raise ConfigError(section.path, section.where, "provider names use letters, digits, '.', '_' and '-'")
     if "mount" not in section.doc:
@@ -412,7 +348,7 @@ def default_usage_url(upstream: URL, kind: str) -> URL | None:
     return upstream.with_path(path.rstrip("/") + "/api/codex/usage")
 
 
-def _mount(section: _Reader, mount: str) -> str:
+def _mount(section: Section, mount: str) -> str:
     mount = mount.rstrip("/")
     segments = mount.split("/")[1:]
     if (
@@ -435,7 +371,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _url(section: _Reader, key: str, text: str) -> URL:
+def _url(section: Section, key: str, text: str) -> URL:
     try:
         url = URL(text)
     except (ValueError, TypeError):
@@ -451,7 +387,7 @@ def _url(section: _Reader, key: str, text: str) -> URL:
     return url.with_path(url.path.rstrip("/"))
 
 
-def _upstream(section: _Reader, text: str) -> URL:
+def _upstream(section: Section, text: str) -> URL:
     return _url(section, "upstream", text)
 
 
@@ -471,24 +407,3 @@ def _check_mounts(path: Path, providers: tuple[Provider, ...]) -> None:
                     f"{provider.mount} overlaps the mount {other_mount} of {other}",
                 )
         seen[provider.mount] = provider.name
-
-
-def find_provider(providers: tuple[Provider, ...]) -> Callable[[str], tuple[Provider, str] | None]:
-    """A function from a raw request path to ``(provider, rest)``, or ``None`` when nothing is mounted there."""
-    table = {p.mount: p for p in providers}
-    depth = max((p.mount.count("/") for p in providers), default=1)
-
-    def lookup(raw_path: str) -> tuple[Provider, str] | None:
-        # Try the mount made of the first 1..depth segments; mounts never overlap, so at most one matches.
-        end = 0
-        for _ in range(depth):
-            end = raw_path.find("/", end + 1)
-            prefix = raw_path if end == -1 else raw_path[:end]
-            provider = table.get(prefix)
-            if provider is not None:
-                return provider, raw_path[len(prefix) :]
-            if end == -1:
-                return None
-        return None
-
-    return lookup

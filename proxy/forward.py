@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy import headers as hdrs
 from proxy.accounts import Accounts
 from proxy.clock import Clock
-from proxy.config import Config, Provider, find_provider
+from proxy.config import Config, Provider
 from proxy.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.credentials import Credential
 from proxy.errors import (
@@ -36,7 +36,7 @@ from proxy.errors import (
 from proxy.limits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
 from proxy.pool import Pool
 from proxy.replay import Action, ReplayPlan, action_for
-from proxy.routing import check_path, split_target, upstream_target
+from proxy.routing import check_path, find_provider, split_target, upstream_target
 from proxy.selection import fnv1a_utf16, session_id_from
 from proxy.sse import EventScanner, parse_json, split_first_event
 from proxy.upstream import Transport, UpstreamResponse

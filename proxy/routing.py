@@ -9,6 +9,9 @@ backslashes and empty segments. Pure functions; the handler turns :class:`Reques
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from proxy.config import Provider
 from proxy.errors import RequestRejected
 
 _ENCODED_SEPARATORS = ("%2f", "%5c")
@@ -41,3 +44,24 @@ def upstream_target(base_path: str, rest: str, query: str) -> str:
     if not target:
         target = "/"
     return f"{target}?{query}" if query else target
+
+
+def find_provider(providers: tuple[Provider, ...]) -> Callable[[str], tuple[Provider, str] | None]:
+    """A function from a raw request path to ``(provider, rest)``, or ``None`` when nothing is mounted there."""
+    table = {p.mount: p for p in providers}
+    depth = max((p.mount.count("/") for p in providers), default=1)
+
+    def lookup(raw_path: str) -> tuple[Provider, str] | None:
+        # Try the mount made of the first 1..depth segments; mounts never overlap, so at most one matches.
+        end = 0
+        for _ in range(depth):
+            end = raw_path.find("/", end + 1)
+            prefix = raw_path if end == -1 else raw_path[:end]
+            provider = table.get(prefix)
+            if provider is not None:
+                return provider, raw_path[len(prefix) :]
+            if end == -1:
+                return None
+        return None
+
+    return lookup

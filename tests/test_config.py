@@ -18,10 +18,10 @@ from proxy.config import (
     Listen,
     Logging,
     Provider,
-    find_provider,
     load_config,
 )
 from proxy.errors import ConfigError
+from proxy.routing import find_provider
 
 OPENAI = {"mount": "/openai", "upstream": "https://api.openai.com/v1"}
 

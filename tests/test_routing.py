@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from yarl import URL
 
-from proxy.config import Provider, find_provider
+from proxy.config import Provider
 from proxy.errors import RequestRejected
-from proxy.routing import check_path, split_target, upstream_target
+from proxy.routing import check_path, find_provider, split_target, upstream_target
 
 ABSOLUTE_FORM = "the request target must be a path (absolute-form targets are refused)"
 SEPARATORS = "encoded slashes and backslashes are not allowed in the path"
