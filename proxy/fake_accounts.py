@@ -23,7 +23,8 @@ import orjson
 from aiohttp import web
 
 from proxy.clock import Clock
-from proxy.fake_upstream import FakeUpstream, Recorded, Responder, json_body, ok, usage_payload
+from proxy.fake_bodies import usage_payload
+from proxy.fake_upstream import FakeUpstream, Recorded, Responder, json_body, ok
 
 
 def _b64(data: bytes) -> str:

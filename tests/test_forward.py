@@ -12,7 +12,8 @@ import pytest
 import zstandard
 from multidict import CIMultiDict
 
-from proxy.fake_upstream import FakeUpstream, encode_event, raw, redirect, sse
+from proxy.fake_bodies import encode_event
+from proxy.fake_upstream import FakeUpstream, raw, redirect, sse
 from proxy.selection import fnv1a_utf16
 from tests.conftest import ProxyFactory, keys
 

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.fake_bodies import encode_event
 from proxy.fake_upstream import (
     FakeUpstream,
-    encode_event,
     json_body,
     rate_limit,
     sse,

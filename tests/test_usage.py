@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy import usage
-from proxy.fake_upstream import usage_payload
+from proxy.fake_bodies import usage_payload
 
 NOW = 1_800_000_000.0
 
