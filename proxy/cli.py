@@ -21,6 +21,7 @@ from proxy.app import GUARD, POOL, make_app, serve
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.importer import import_accounts
+from proxy.server import raise_open_file_limit
 from proxy.tokens import client_usage, init_token_file
 
 log = logging.getLogger("credproxy")
@@ -104,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, listen=listen)
         if args.host is not None:
             check_listen(config, flag="--host")
+    raise_open_file_limit()
     app = make_app(config)
     logs.configure(config.logging, known=lambda: [*app[POOL].secrets(), *app[GUARD].secrets()])
 

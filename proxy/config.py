@@ -60,7 +60,7 @@ class Limits:
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
     client_keepalive_timeout: float = 75.0
-    max_client_connections: int = 512
+    max_client_connections: int = 0  # 0: derived from the open-files limit (proxy.server.connection_cap)
     max_request_line_bytes: int = 8190
     max_header_bytes: int = 8190
     max_headers: int = 128
@@ -255,7 +255,7 @@ def _limits(section: Section) -> Limits:
         client_header_timeout=section.number("client_header_timeout", d.client_header_timeout, 0.01, 3600),
         client_body_timeout=section.number("client_body_timeout", d.client_body_timeout, 0.01, 3600),
         client_keepalive_timeout=section.number("client_keepalive_timeout", d.client_keepalive_timeout, 0.01, 3600),
-        max_client_connections=section.integer("max_client_connections", d.max_client_connections, 1, 1_000_000),
+        max_client_connections=section.integer("max_client_connections", d.max_client_connections, 0, 1_000_000),
         max_request_line_bytes=section.integer("max_request_line_bytes", d.max_request_line_bytes, 256, 1 << 20),
         max_header_bytes=section.integer("max_header_bytes", d.max_header_bytes, 256, 1 << 20),
         max_headers=section.integer("max_headers", d.max_headers, 8, 10_000),

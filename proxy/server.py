@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -325,7 +326,37 @@ class ProxyRunner(web.AppRunner):
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             header_timeout=self._limits.client_header_timeout,
-            max_connections=self._limits.max_client_connections,
+            max_connections=connection_cap(self._limits.max_client_connections),
             loop=asyncio.get_running_loop(),
             **self._settings,
         )
+
+
+#: Descriptors kept aside for listening sockets, files, logs, Redis and the control session.
+RESERVED_FILES = 128
+MAX_AUTO_CONNECTIONS = 100_000
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-files limit to its hard limit (as servers do); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = MAX_AUTO_CONNECTIONS * 2 + RESERVED_FILES if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(configured: int, soft_limit: int | None = None) -> int:
+    """``limits.max_client_connections``, or (0) what the open-files limit allows: each client
+    connection may hold a second socket to the upstream."""
+    if configured:
+        return configured
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY:
+        return MAX_AUTO_CONNECTIONS
+    return max(32, min((soft_limit - RESERVED_FILES) // 2, MAX_AUTO_CONNECTIONS))

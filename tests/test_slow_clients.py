@@ -278,3 +278,14 @@ async def test_b5_malformed_http_gets_400_and_the_connection_closes(
     assert answer, "closed without an answer"
     assert status_of(answer) in {400, 505}, answer[:200]
     assert untouched(fake)
+
+
+@pytest.mark.parametrize(
+    ("configured", "soft", "expected"),
+    [(0, 1024, 448), (0, 20000, 9936), (0, 100, 32), (0, 10**9, 100_000), (300, 20000, 300)],
+)
+def test_the_connection_cap_follows_the_open_files_limit(configured: int, soft: int, expected: int) -> None:
+    """Two sockets per client connection (client side and upstream side), 128 kept for everything else."""
+    from proxy.server import connection_cap
+
+    assert connection_cap(configured, soft) == expected

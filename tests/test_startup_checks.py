@@ -71,7 +71,7 @@ async def run_serve(config: Path, *extra: str) -> tuple[int, str]:
         ({"security": {"allowed_origins": ["http://a.example/"]}}, "security.allowed_origins[0]", "no path"),
         ({"limits": {"client_header_timeout": 0}}, "limits.client_header_timeout", "between"),
         ({"limits": {"client_body_timeout": "60"}}, "limits.client_body_timeout", "number"),
-        ({"limits": {"max_client_connections": 0}}, "limits.max_client_connections", "between"),
+        ({"limits": {"max_client_connections": -1}}, "limits.max_client_connections", "between"),
         ({"limits": {"max_headers": 1.5}}, "limits.max_headers", "integer"),
         ({"limits": {"max_header_bytes": 10}}, "limits.max_header_bytes", "between"),
         ({"listen": {"host": "0.0.0.0"}}, "listen.host", "requires client tokens"),
