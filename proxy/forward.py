@@ -271,13 +271,13 @@ class Forwarder:
     async def _relay(
         self, request: web.Request, upstream: UpstreamResponse, prefix: bytes, cred: Credential, record: RequestRecord
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason or None, headers=hdrs.to_client(upstream.headers)
+        )
         # Send the head with the first body bytes (one write, not two); aiohttp sends it on the first
         # write() or at write_eof(). Without this attribute (an older aiohttp) it goes at prepare().
         response._send_headers_immediately = False
         out = response.headers
-        for name, value in hdrs.to_client(upstream.headers):
-            out.add(name, value)
         out["x-credproxy-credential"] = cred.label
         out["x-credproxy-attempts"] = str(record.attempts)
         is_sse = out.get("content-type", "").startswith("text/event-stream")
@@ -360,17 +360,23 @@ class Forwarder:
 async def read_body(request: web.Request, cap: int, time_limit: float | None = None) -> bytes:
     """The whole request body; 413 as soon as it exceeds ``cap`` (never read past it), 408 if it takes
     longer than ``time_limit`` seconds (the server then closes the connection)."""
+    length = request.content_length
+    if length is not None and length > cap:
+        raise RequestRejected(413, f"request body of {length} bytes exceeds the limit of {cap} bytes", "body_too_large")
+    content = request.content
+    if content.is_eof():  # all of it came with the head (the usual small POST): nothing to wait for
+        body = content.read_nowait(-1)
+        if len(body) > cap:
+            raise _too_large(cap)
+        return body
     try:
         async with asyncio.timeout(time_limit):
-            return await _read_body(request, cap)
+            return await _read_body(request, length, cap)
     except TimeoutError:
         raise RequestRejected(408, f"the request body did not arrive within {time_limit} s", "body_timeout") from None
 
 
-async def _read_body(request: web.Request, cap: int) -> bytes:
-    length = request.content_length
-    if length is not None and length > cap:
-        raise RequestRejected(413, f"request body of {length} bytes exceeds the limit of {cap} bytes", "body_too_large")
+async def _read_body(request: web.Request, length: int | None, cap: int) -> bytes:
     if not request.body_exists:
         return b""
     if length is not None:
@@ -380,8 +386,12 @@ async def _read_body(request: web.Request, cap: int) -> bytes:
     while chunk := await request.content.readany():
         data += chunk
         if len(data) > cap:
-            raise RequestRejected(413, f"request body exceeds the limit of {cap} bytes", "body_too_large")
+            raise _too_large(cap)
     return bytes(data)
+
+
+def _too_large(cap: int) -> RequestRejected:
+    return RequestRejected(413, f"request body exceeds the limit of {cap} bytes", "body_too_large")
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int) -> tuple[bytes, bool]:

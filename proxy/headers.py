@@ -52,37 +52,49 @@ Headers = list[tuple[str, str]]
 
 def connection_tokens(items: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Header names listed in ``Connection`` (lower case)."""
-    names: set[str] = set()
-    for name, value in items:
-        if name.lower() == "connection":
-            names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return frozenset(names)
+    return _tokens(value for name, value in items if name.lower() == "connection")
+
+
+def _tokens(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
 
 
 def to_upstream(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = frozenset()) -> Headers:
     """The client's headers as they may be forwarded (without credentials: add them separately)."""
-    items = list(items)
-    named = connection_tokens(items)
-    out: Headers = []
-    for name, value in items:
-        lower = name.lower()
-        if lower in CLIENT_ONLY or lower in named or lower in extra_drop or lower.startswith(_DROPPED_PREFIXES):
-            continue
-        out.append((name, value))
-    return out
+    return _keep(items, CLIENT_ONLY | extra_drop if extra_drop else CLIENT_ONLY, _DROPPED_PREFIXES)
 
 
 def to_client(items: Iterable[tuple[str, str]]) -> Headers:
     """The upstream's response headers as they may be returned to the client."""
-    items = list(items)
-    named = connection_tokens(items)
-    return [
-        (name, value)
-        for name, value in items
-        if (lower := name.lower()) not in UPSTREAM_ONLY and lower not in named and not lower.startswith(_CORS_PREFIX)
-    ]
+    return _keep(items, UPSTREAM_ONLY, _CORS_PREFIX)
+
+
+def _keep(items: Iterable[tuple[str, str]], drop: frozenset[str], prefixes: str | tuple[str, ...]) -> Headers:
+    """``items`` without the names in ``drop``, those starting with ``prefixes`` and those ``Connection`` lists.
+
+    One pass, one ``lower()`` per name (this runs twice per proxied request). The names that
+    ``Connection`` lists are known only at its end, so they are taken out afterwards, when there are
+    any that ``drop`` does not already cover (``Connection: keep-alive`` names a hop-by-hop header).
+    """
+    out: Headers = []
+    lowers: list[str] = []
+    listed: list[str] = []
+    for name, value in items:
+        lower = name.lower()
+        if lower in drop or lower.startswith(prefixes):
+            if lower == "connection":
+                listed.append(value)
+            continue
+        out.append((name, value))
+        lowers.append(lower)
+    if listed:
+        named = _tokens(listed) - drop
+        if named:
+            return [pair for pair, lower in zip(out, lowers, strict=True) if lower not in named]
+    return out
 
 
 def has_control_characters(items: Iterable[tuple[str, str]]) -> bool:
     """True when a value holds CR, LF or NUL (header injection): such a request is refused."""
-    return any("\r" in value or "\n" in value or "\x00" in value for _, value in items)
+    values = "".join([value for _, value in items])
+    return "\r" in values or "\n" in values or "\x00" in values

@@ -77,6 +77,7 @@ class Pool:
         self._by_label: dict[str, Credential] = {}
         self._by_id: dict[str, Credential] = {}
         self._sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._secrets: tuple[str, ...] | None = None
         self.listeners: list[Listener] = []
         for name in self._providers:
             self.replace(name, credentials.get(name, ()))
@@ -89,6 +90,7 @@ class Pool:
         oauth = tuple(c for c in creds if c.kind == "oauth")
         self._groups[provider] = tuple((group, tuple(c.id for c in group)) for group in (keys, oauth) if group)
         self._counters.setdefault(provider, 0)
+        self._secrets = None
         for mapping in (self._by_label, self._by_id):
             for key, cred in list(mapping.items()):
                 if cred.provider == provider:
@@ -107,6 +109,7 @@ class Pool:
         )
         self._by_label[cred.label] = cred
         self._by_id[cred.id] = cred
+        self._secrets = None
         self._check_disabled_token(cred, self._state[cred.id])
 
     def _check_disabled_token(self, cred: Credential, state: CredentialState) -> None:
@@ -137,14 +140,16 @@ class Pool:
         """The pool's version of ``cred`` (its tokens may have been refreshed since it was picked)."""
         return self._by_id.get(cred.id, cred)
 
-    def secrets(self) -> list[str]:
-        """Every token value in the pool, for the log redaction filter."""
-        values = []
-        for cred in self._by_id.values():
-            values.append(cred.token.reveal())
-            if cred.refresh is not None:
-                values.append(cred.refresh.reveal())
-        return values
+    def secrets(self) -> tuple[str, ...]:
+        """Every token value in the pool, for the log redaction filter (made again only after a change)."""
+        if self._secrets is None:
+            values = []
+            for cred in self._by_id.values():
+                values.append(cred.token.reveal())
+                if cred.refresh is not None:
+                    values.append(cred.refresh.reveal())
+            self._secrets = tuple(values)
+        return self._secrets
 
     def state(self, cred: Credential) -> CredentialState:
         return self._state[cred.id]

@@ -11,7 +11,7 @@ a credential, and of every secret the process knows about (registered by the poo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _MASK = "***"
 
@@ -64,4 +64,33 @@ def redact(text: str, known: Iterable[str] = ()) -> str:
     for value in known:
         if value and value in text:
             text = text.replace(value, _MASK)
-    return _PATTERNS.sub(_MASK, text)
+    if _may_match(text):
+        text = _PATTERNS.sub(_MASK, text)
+    return text
+
+
+def _may_match(text: str) -> bool:
+    """False when no :data:`_PATTERNS` match is possible: each one starts with one of these literals.
+
+    Substring tests run at C speed; the regex, whose case-insensitive ``bearer`` branch defeats the
+    engine's literal prefix scan, costs several microseconds on a log line even when nothing matches.
+    """
+    return "sk-" in text or "cpx_" in text or "eyJ" in text or "bearer" in text.lower()
+
+
+def redact_each(values: list[str], known: Sequence[str] = ()) -> list[str]:
+    """:func:`redact` applied to each of ``values``, in one pass when none of them holds a NUL.
+
+    Joined by NUL, they are redacted as one text: no credential shape contains a NUL, nor does any
+    secret (tokens are visible ASCII), so no mask can span two values and the result is the same as
+    value by value. Should a mask have eaten a NUL after all, the values are redacted one by one.
+    """
+    joined = "\x00".join(values)
+    if joined.count("\x00") == len(values) - 1:  # else a value holds a NUL (or there is none)
+        clean = redact(joined, known)
+        if clean == joined:
+            return values
+        parts = clean.split("\x00")
+        if len(parts) == len(values):
+            return parts
+    return [redact(value, known) for value in values]

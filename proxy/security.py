@@ -90,7 +90,7 @@ BAD_TOKEN = Refusal(
 class Guard:
     """The three checks, with everything they compare against prepared once."""
 
-    __slots__ = ("_digests", "_exact_hosts", "_host_names", "_origins", "_tokens")
+    __slots__ = ("_digests", "_exact_hosts", "_host_names", "_origins", "_secrets", "_tokens")
 
     def __init__(
         self,
@@ -116,14 +116,15 @@ class Guard:
         self._origins = frozenset(o.lower() for o in allowed_origins)
         self._tokens = tuple(tokens)
         self._digests = tuple(_digest(t.reveal()) for t in self._tokens)
+        self._secrets = tuple(t.reveal() for t in self._tokens)
 
     @property
     def requires_token(self) -> bool:
         return bool(self._digests)
 
-    def secrets(self) -> list[str]:
+    def secrets(self) -> tuple[str, ...]:
         """The client tokens, for the log redaction filter."""
-        return [t.reveal() for t in self._tokens]
+        return self._secrets
 
     def check(
         self,
