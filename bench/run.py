@@ -59,9 +59,7 @@ class Target:
         return f"http://127.0.0.1:{self.port}{self.json_path}"
 
 
-def credproxy_config(
-    workdir: Path, name: str, json_port: int, sse_port: int, transport: str, max_connections: int = 20000
-) -> Path:
+def credproxy_config(workdir: Path, name: str, json_port: int, sse_port: int, transport: str) -> Path:
     auth = workdir / f"{name}-auth.json"
     auth.write_bytes(orjson.dumps({p: [{"type": "api_key", "key": k} for k in KEYS] for p in ("openai", "sse")}))
     auth.chmod(0o600)
@@ -72,8 +70,6 @@ def credproxy_config(
             "sse": {"mount": "/sse", "upstream": f"http://127.0.0.1:{sse_port}/v1"},
         },
         "logging": {"format": "text", "level": "info"},
-        # The default cap (512) would refuse most of the memory phase's 1000 streams and the idle check.
-        "limits": {"max_client_connections": max_connections},
     }
     if transport != "default":
         doc["transport"] = transport
@@ -112,7 +108,7 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
     commands.append(("yardstick", [py, "-m", "bench.yardstick", *routes, "--port"]))
     for transport in transports():
         name = "credproxy" if transport == "default" else f"credproxy-{transport}"
-        config = credproxy_config(workdir, name, json_port, sse_port, transport, nofile)
+        config = credproxy_config(workdir, name, json_port, sse_port, transport)
         commands.append((name, [py, "-m", "proxy", "serve", "--config", str(config), "--port"]))
     if use_nginx:
         commands.append(("nginx-proxy", []))
