@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.limits import ErrorInfo, Kind, Verdict, classify, error_info
+from proxy.limits import ErrorInfo, Kind, Verdict, _number, classify, error_info
 from proxy.sse import parse_json
 
 NOW = 1_800_000_000.0
@@ -491,3 +491,27 @@ def test_real_bodies_through_error_info_and_classify(
     status: int, body: bytes, headers: dict[str, str], expected: Verdict
 ) -> None:
     assert classify(status, headers, error_info(parse_json(body)), NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2", 2.0),
+        (" 2.5\t", 2.5),  # header values may carry whitespace
+        (3, 3.0),
+        (1.5, 1.5),
+        (True, None),  # JSON true is no number
+        (False, None),
+        (None, None),
+        (10**400, None),  # too large for a float
+        ("1e999", None),
+        ("nan", None),
+        ("-inf", None),
+        ("", None),
+        ("1.5s", None),
+        ([1], None),
+        ({"a": 1}, None),
+    ],
+)
+def test_a_number_is_a_finite_json_number_or_numeric_string(value: object, expected: float | None) -> None:
+    assert _number(value) == expected
