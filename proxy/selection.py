@@ -49,7 +49,7 @@ def fnv1a_utf16(text: str) -> int:
         # surrogates (from undecodable header bytes) pass through as themselves.
         units = memoryview(text.encode(_UTF16_NATIVE, "surrogatepass")).cast("H")
     for unit in units:
-        h = ((h ^ unit) * FNV_PRIME) & 0xFFFFFFFF
+        h = ((h ^ unit) * 16777619) & 0xFFFFFFFF  # FNV_PRIME as a literal: no global lookup per unit
     return h
 
 
