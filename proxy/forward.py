@@ -101,7 +101,11 @@ class Forwarder:
         )
         start = self._clock.monotonic()
         try:
-            response = await self._handle(request, record)
+            upstream, prefix, cred = await self._choose(request, record)
+            try:
+                response = await self._relay(request, upstream, prefix, cred, record)
+            finally:
+                upstream.close()
         except RequestRejected as exc:
             record.outcome, record.error = "rejected", str(exc)
             response = error_response(exc.status, str(exc), exc.code)
@@ -125,7 +129,13 @@ class Forwarder:
         for observer in self.observers:
             observer(record)
 
-    async def _handle(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+    async def _choose(self, request: web.Request, record: RequestRecord) -> tuple[UpstreamResponse, bytes, Credential]:
+        """Send the request until an answer may be passed to the client; returns that answer (open, to be
+        relayed and closed by the caller), the bytes of it already read, and the credential that got it.
+
+        The relay runs after this returns, so that a long stream does not keep this frame's locals (the
+        request body, which for an agent's turn is often hundreds of KB, and the header lists) alive.
+        """
         if request.method not in ALLOWED_METHODS:
             raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
         if request.version < (1, 0):
@@ -167,6 +177,7 @@ class Forwarder:
                 # The session moved to another account: its sticky-routing token belongs to the old one.
                 headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
             upstream = await self._send(request.method, origin, target, [*headers, *cred.auth_headers()], body, record)
+            passed = False
             try:
                 verdict, prefix = await self._inspect(upstream, cred, provider)
                 action = action_for(verdict.kind, cred.kind)
@@ -181,9 +192,11 @@ class Forwarder:
                         self._pool.succeeded(cred, session_id)
                     else:
                         self._pool.failed(cred, verdict.reason)
-                    return await self._relay(request, upstream, prefix, cred, record)
+                    passed = True
+                    return upstream, prefix, cred
             finally:
-                upstream.close()
+                if not passed:
+                    upstream.close()
 
             if action is Action.BLOCK:
                 self._pool.block(cred, verdict)
