@@ -44,6 +44,7 @@ from aiohttp.streams import StreamReader
 
 from proxy.config import Limits
 from proxy.forward import error_response
+from proxy.memory import BURST, RELEASE_DELAY, BurstRelease, release_memory
 from proxy.security import TOKEN_HEADER, Guard
 
 log = logging.getLogger("credproxy")
@@ -209,6 +210,8 @@ class ProxyServer(web.Server):
         header_timeout: float,
         max_connections: int,
         loop: asyncio.AbstractEventLoop,
+        release: Callable[[], None] | None = release_memory,
+        burst: int = BURST,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, request_factory=request_factory, loop=loop, **kwargs)
@@ -224,6 +227,9 @@ class ProxyServer(web.Server):
         self.evicted = 0
         self.refused = 0
         self._last_warning = -CAP_WARNING_INTERVAL
+        self._release = release
+        self._bursts = BurstRelease(burst)
+        self._release_timer: asyncio.TimerHandle | None = None
 
         def head_then_request(
             message: RawRequestMessage,
@@ -265,6 +271,7 @@ class ProxyServer(web.Server):
     def busy(self, handler: ProxyRequestHandler) -> None:
         if self._forget(handler):
             self._busy[handler] = None
+            self._bursts.started(len(self._busy))
 
     def idle(self, handler: ProxyRequestHandler) -> None:
         if self._forget(handler):
@@ -278,8 +285,28 @@ class ProxyServer(web.Server):
         for table in (self._fresh, self._idle, self._busy):
             if handler in table:
                 del table[handler]
+                if table is self._busy and self._bursts.ended(len(table)):
+                    self._schedule_release()
                 return True
         return False
+
+    def _schedule_release(self) -> None:
+        """A burst just ended: give its memory back after a quiet moment (see proxy/memory.py)."""
+        if self._release is not None and self._release_timer is None:
+            self._release_timer = self._handler_loop.call_later(RELEASE_DELAY, self._release_if_quiet)
+
+    def _release_if_quiet(self) -> None:
+        self._release_timer = None
+        if self._busy or self._release is None:
+            return  # a new wave came; its end schedules the release again
+        self._bursts.released()
+        self._release()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        await super().shutdown(timeout)
 
     def _warn(self) -> None:
         now = self._handler_loop.time()
