@@ -152,7 +152,7 @@ class _NotStarted:
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner with the connection limits of the config and the request guard (see proxy/server.py)."""
-    return ProxyRunner(app, app[GUARD], app[CONFIG].limits)
+    return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=app[FORWARDER].handle)
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

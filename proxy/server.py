@@ -39,10 +39,11 @@ from typing import Any, cast
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.hdrs import EXPECT
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
-from proxy.config import Limits
+from proxy.config import ADMIN_PREFIX, Limits
 from proxy.forward import error_response
 from proxy.memory import BURST, RELEASE_DELAY, BurstRelease, release_memory
 from proxy.security import TOKEN_HEADER, Guard
@@ -51,6 +52,7 @@ log = logging.getLogger("credproxy")
 access_log = logging.getLogger("credproxy.access")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RequestFactory = Callable[
     [RawRequestMessage, StreamReader, web.RequestHandler, AbstractStreamWriter, "asyncio.Task[None]"], web.BaseRequest
 ]
@@ -79,8 +81,14 @@ _BUSY = _raw_response(
 )
 
 
-def guarded(handler: Handler, guard: Guard) -> Handler:
-    """``handler`` behind the Host, Origin and token checks; a refused request never reaches it."""
+def guarded(handler: Handler, guard: Guard, direct: RouteHandler | None = None) -> Handler:
+    """``handler`` behind the Host, Origin and token checks; a refused request never reaches it.
+
+    ``direct`` is the catch-all route's handler (the forwarder). Every path outside the admin prefix
+    ends there, so such a request skips the application's router (a regex match and a match-info per
+    request). Paths with percent-escapes (the router decodes them: one might spell an admin path) and
+    requests with ``Expect`` (the application answers ``100-continue``) still take the router.
+    """
 
     async def guard_then_handle(request: web.BaseRequest) -> web.StreamResponse:
         headers = request.headers
@@ -93,6 +101,8 @@ def guarded(handler: Handler, guard: Guard) -> Handler:
             headers.get(TOKEN_HEADER),
         )
         if refusal is None:
+            if direct is not None and _outside_the_router(request.raw_path) and EXPECT not in headers:
+                return await direct(cast(web.Request, request))  # the application made it
             return await handler(request)
         access_log.info(
             "refused %s %s from %s -> %d %s", request.method, request.path, request.remote, refusal.status, refusal.code
@@ -104,6 +114,11 @@ def guarded(handler: Handler, guard: Guard) -> Handler:
         return response
 
     return guard_then_handle
+
+
+def _outside_the_router(raw_path: str) -> bool:
+    """True for a path no route but the catch-all can match (see :func:`guarded`)."""
+    return raw_path.startswith("/") and not raw_path.startswith(ADMIN_PREFIX) and "%" not in raw_path
 
 
 class ProxyRequestHandler(web.RequestHandler):
@@ -340,8 +355,9 @@ class ProxyRunner(web.AppRunner):
     in flight get ``limits.shutdown_grace`` to finish before they are cut.
     """
 
-    def __init__(self, app: web.Application, guard: Guard, limits: Limits) -> None:
+    def __init__(self, app: web.Application, guard: Guard, limits: Limits, direct: RouteHandler | None = None) -> None:
         self._guard = guard
+        self._direct = direct
         self._limits = limits
         self._settings: dict[str, Any] = {"access_log": None, "auto_decompress": False, **handler_settings(limits)}
         super().__init__(app, handler_cancellation=True, shutdown_timeout=limits.shutdown_grace, **self._settings)
@@ -349,7 +365,7 @@ class ProxyRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # starts the application (cleanup_ctx, on_startup)
         return ProxyServer(
-            guarded(base.request_handler, self._guard),
+            guarded(base.request_handler, self._guard, self._direct),
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             header_timeout=self._limits.client_header_timeout,

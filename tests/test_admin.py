@@ -172,3 +172,11 @@ def test_state_names() -> None:
     assert state_of(CredentialState(blocked_until=11.0), 10.0) == "blocked"
     assert state_of(CredentialState(blocked_until=11.0, disabled="invalid_api_key"), 10.0) == "disabled"
     assert state_of(CredentialState(disabled="needs_relogin"), 10.0) == "needs_relogin"
+
+
+async def test_an_admin_path_spelled_with_percent_escapes_is_still_the_admin_endpoint(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(keys(KEYS[0]))
+    assert await get(p, "/%5Fcredproxy/health") == (200, {"status": "ok"})
+    assert fake.records == []

@@ -16,6 +16,7 @@ from proxy.fake_bodies import encode_event
 from proxy.fake_upstream import FakeUpstream, raw, redirect, sse
 from proxy.selection import fnv1a_utf16
 from tests.conftest import ProxyFactory, keys
+from tests.raw_http import address, read_answer, status_of
 
 KEYS = ("sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-03")
 
@@ -309,3 +310,27 @@ async def test_every_api_method_is_forwarded(proxy: ProxyFactory, fake: FakeUpst
     async with p.request(method, "/openai/files/file-1") as r:
         assert r.status == 200
     assert fake.records[0].method == method
+
+
+async def test_expect_100_continue_is_answered_then_the_body_is_forwarded(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(keys(*KEYS))
+    body = b'{"model":"gpt-x","input":"a body sent after 100 Continue"}'
+    reader, writer = await asyncio.open_connection(*address(p))
+    try:
+        writer.write(
+            b"POST /openai/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        assert fake.records == []  # nothing was sent upstream before the body came
+        writer.write(body)
+        answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status_of(answer) == 200
+    [got] = fake.records
+    assert got.body == body
+    assert got.token in KEYS
