@@ -216,8 +216,12 @@ class _Connection(BaseProtocol):
                 waiter.set_result((message, payload))
 
     def resume_reading(self, resume_parser: bool = True) -> None:
-        if self._reading_paused:  # time spent paused (the client was slow) never counts as upstream idle
-            self._last = self._loop.time()
+        # aiohttp's StreamReader calls this after every read that leaves its buffer low, paused or not;
+        # the base class then feeds the parser b"" and resumes the transport. Only pause_reading()
+        # pauses the parser or the transport here, so when it has not, there is nothing to resume.
+        if not self._reading_paused:
+            return
+        self._last = self._loop.time()  # time spent paused (the client was slow) never counts as upstream idle
         super().resume_reading(resume_parser)
 
     def eof_received(self) -> bool:
