@@ -150,6 +150,11 @@ class _NotStarted:
         return None
 
 
+#: Connections the kernel may hold for accepting (capped by net.core.somaxconn). aiohttp's default, 128,
+#: makes a burst of new connections (an agent fleet starting, a load test) wait for SYN retransmits.
+LISTEN_BACKLOG = 4096
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner with the connection limits of the config and the request guard (see proxy/server.py)."""
     return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=app[FORWARDER].handle)
@@ -163,7 +168,7 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     check_listen(app[CONFIG], host)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     # asyncio.Server or uvloop's Server (not a subclass): both have ``sockets``.
     sockets = getattr(site._server, "sockets", None)

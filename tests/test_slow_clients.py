@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -289,3 +291,32 @@ def test_the_connection_cap_follows_the_open_files_limit(configured: int, soft: 
     from proxy.server import connection_cap
 
     assert connection_cap(configured, soft) == expected
+
+
+def _connect_all(host: str, port: int, count: int, timeout: float) -> int:
+    """Open ``count`` blocking connections (a thread's work); returns how many completed the handshake."""
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            with contextlib.suppress(OSError):
+                opened.append(socket.create_connection((host, port), timeout=timeout))
+        return len(opened)
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def _somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+async def test_a_burst_of_connections_waits_in_the_listen_backlog_not_for_syn_retries(proxy: ProxyFactory) -> None:
+    """While the proxy is busy (here: its loop blocked), the kernel completes the handshakes of a burst
+    of new connections into the accept queue. aiohttp's default backlog (128) would leave the rest
+    waiting for a SYN retransmit (a second or more each)."""
+    p = await proxy(keys(*KEYS))
+    count = max(1, min(400, _somaxconn() - 8))
+    loop = asyncio.get_running_loop()
+    burst = loop.run_in_executor(None, _connect_all, *address(p), count, 0.8)
+    time.sleep(3.0)  # noqa: ASYNC251 (deliberate: a busy proxy accepts nothing meanwhile)
+    assert await asyncio.wait_for(burst, 60) == count
