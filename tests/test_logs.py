@@ -14,14 +14,20 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
+from yarl import URL
 
 from proxy import logs
-from proxy.config import Logging
+from proxy.clock import ManualClock
+from proxy.config import Logging, Provider
+from proxy.credentials import parse_credentials
 from proxy.forward import RequestRecord
-from proxy.secret import _PATTERNS, redact, redact_each
+from proxy.pool import Pool
+from proxy.secret import _PATTERNS, Secret, redact, redact_each
 
 POOL_SECRET = "poolSECRETnoShape0123"  # no known shape: only the pool's knowledge can mask it
 CLIENT_TOKEN = "cpx_client-token-0123456789"
@@ -296,3 +302,20 @@ def test_redact_each_is_redact_value_by_value(values: list[str]) -> None:
 def test_redact_each_falls_back_when_a_secret_holds_a_nul() -> None:
     odd = ("a\x00b",)
     assert redact_each(["xa", "by"], odd) == ["xa", "by"]
+
+
+def test_the_pools_known_secrets_follow_a_refresh_and_a_reload() -> None:
+    """The redaction filter's list of secrets is cached; a rotated token must still be masked."""
+    doc = {"codex": [{"type": "oauth", "access": "at-old-0001", "refresh": "rt-old-0001", "accountId": "a1"}]}
+    creds = parse_credentials(Path("auth.json"), doc, ["codex"])
+    provider = Provider(name="codex", mount="/codex", upstream=URL("https://example.invalid/backend-api/codex"))
+    pool = Pool([provider], creds, ManualClock(1_800_000_000.0))
+    assert set(pool.secrets()) == {"at-old-0001", "rt-old-0001"}
+    [cred] = pool.credentials("codex")
+    pool.update(replace(cred, token=Secret("at-new-0002"), refresh=Secret("rt-new-0002")))
+    assert set(pool.secrets()) == {"at-new-0002", "rt-new-0002"}
+    assert redact("refreshed: at-new-0002", pool.secrets()) == "refreshed: ***"
+    fresh = parse_credentials(Path("auth.json"), {"codex": [{"type": "api_key", "key": "sk-reloaded-0003"}]}, ["codex"])
+    pool.replace("codex", fresh["codex"])
+    assert set(pool.secrets()) == {"sk-reloaded-0003"}
+    assert redact("reloaded: sk-reloaded-0003", pool.secrets()) == "reloaded: ***"
