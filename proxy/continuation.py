@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.sse import parse_json
+
 ACCOUNT_BOUND_HEADERS = frozenset({"x-codex-turn-state"})
 
 
 def strip_foreign_state(body: bytes) -> bytes | None:
     """The body without encrypted reasoning items and ``previous_response_id``; ``None`` if nothing changed
     (or the body is not a JSON object, e.g. compressed)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
+    doc = parse_json(body)
     if not isinstance(doc, dict):
         return None
     changed = doc.pop("previous_response_id", None) is not None

@@ -29,6 +29,7 @@ import orjson
 from proxy.credentials import Credential
 from proxy.limits import MAX_BLOCK
 from proxy.secret import Secret
+from proxy.sse import parse_json
 from proxy.state import Entry, expire
 
 #: A disabled credential (invalid key, needs a re-login) stays in Redis this long after the last write.
@@ -103,12 +104,7 @@ def decode_entry(state: bytes | str | None, usage: bytes | str | None, now: floa
 
 
 def _entry(raw: bytes | str | None) -> Entry | None:
-    if raw is None:
-        return None
-    try:
-        return Entry.from_json(orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        return None
+    return None if raw is None else Entry.from_json(parse_json(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +122,7 @@ def state_message(replica: str, entries: dict[str, Entry]) -> bytes:
 
 def decode_message(raw: object) -> Message | None:
     """A message from the channel; ``None`` for anything malformed (never an exception)."""
-    if not isinstance(raw, bytes | str):
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+    doc = parse_json(raw) if isinstance(raw, bytes | str) else None
     if not isinstance(doc, dict) or not isinstance(doc.get("r"), str):
         return None
     entries: dict[str, Entry] = {}
@@ -158,12 +149,7 @@ def token_doc(cred: Credential) -> bytes:
 
 def with_tokens(cred: Credential, raw: object) -> Credential | None:
     """``cred`` carrying the tokens of a stored document; ``None`` if the document is unusable."""
-    if not isinstance(raw, bytes | str):
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+    doc = parse_json(raw) if isinstance(raw, bytes | str) else None
     if not isinstance(doc, dict):
         return None
     access, refresh, expires = doc.get("access"), doc.get("refresh"), doc.get("expires")

@@ -60,7 +60,7 @@ def split_first_event(buffer: bytes) -> bytes | None:
         start = pos + size
 
 
-def parse_json(data: bytes) -> object:
+def parse_json(data: bytes | str) -> object:
     """Parsed JSON, or ``None`` for anything that is not (the proxy is not a validator)."""
     try:
         return orjson.loads(data)
