@@ -206,14 +206,22 @@ async def proxy(
         if limits:
             doc["limits"] = limits
         doc.update(extra)
-        config_path = write_json(tmp_path / "config.json", doc)
-        app = make_app(load_config(config_path), clock=clock)
-        runner, port = await start(app, "127.0.0.1", 0)
-        session = aiohttp.ClientSession(auto_decompress=False)
-        running.append(RunningProxy(f"http://127.0.0.1:{port}", app, session, config_path, runner))
+        running.append(await serve_config(write_json(tmp_path / "config.json", doc), clock))
         return running[-1]
 
     yield make
+    await stop_all(running)
+
+
+async def serve_config(config_path: Path, clock: ManualClock) -> RunningProxy:
+    """An in-process proxy made from the config at ``config_path``, on a free port of 127.0.0.1."""
+    app = make_app(load_config(config_path), clock=clock)
+    runner, port = await start(app, "127.0.0.1", 0)
+    session = aiohttp.ClientSession(auto_decompress=False)
+    return RunningProxy(f"http://127.0.0.1:{port}", app, session, config_path, runner)
+
+
+async def stop_all(running: list[RunningProxy]) -> None:
     for p in running:
         await p.client.close()
         await p.stop()

@@ -13,14 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
-from proxy.app import ACCOUNTS, SYNC, make_app, start
+from proxy.app import ACCOUNTS, SYNC
 from proxy.backend import STATE
 from proxy.clock import ManualClock
-from proxy.config import load_config
 from proxy.fake_accounts import FakeAccounts
 from proxy.fake_upstream import FakeUpstream, rate_limit
 from proxy.limits import Kind, Verdict
@@ -29,7 +27,16 @@ from proxy.redis_state import RedisState
 from proxy.selection import fnv1a_utf16
 from proxy.sync import read_state, state_path
 from proxy.usage import UsageSnapshot, Window
-from tests.conftest import ROOT, RunningProxy, default_providers, keys, wait_until, write_json
+from tests.conftest import (
+    ROOT,
+    RunningProxy,
+    default_providers,
+    keys,
+    serve_config,
+    stop_all,
+    wait_until,
+    write_json,
+)
 from tests.redis_server import RedisServer
 
 KEYS = ("sk-test-alpha-0001", "sk-test-bravo-0002")
@@ -50,17 +57,11 @@ async def replica(
         write_json(folder / "auth.json", credentials)
         section = {"backend": "redis", "url": redis_server.url, "key_prefix": "test:", "poll_interval": 0.5, **state}
         doc = {"credentials_file": "auth.json", "providers": default_providers(fake), "state": section}
-        config_path = write_json(folder / "config.json", doc)
-        app = make_app(load_config(config_path), clock=clock)
-        runner, port = await start(app, "127.0.0.1", 0)
-        session = aiohttp.ClientSession(auto_decompress=False)
-        running.append(RunningProxy(f"http://127.0.0.1:{port}", app, session, config_path, runner))
+        running.append(await serve_config(write_json(folder / "config.json", doc), clock))
         return running[-1]
 
     yield make
-    for p in running:
-        await p.client.close()
-        await p.stop()
+    await stop_all(running)
 
 
 def backend(p: RunningProxy) -> RedisState:
