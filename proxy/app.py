@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from proxy.accounts import Accounts
 from proxy.admin import Admin
@@ -148,6 +149,15 @@ class _NotStarted:
 
     async def close(self) -> None:
         return None
+
+
+def known_secrets(app: web.Application) -> Callable[[], list[str]]:
+    """Every secret value the process holds, for the log redaction filter: the credentials' tokens (as
+    they rotate), the client tokens and the Redis password."""
+    pool, guard = app[POOL], app[GUARD]
+    password = URL(app[CONFIG].state.url).password if app[CONFIG].state.url else None
+    fixed = [password] if password else []
+    return lambda: [*pool.secrets(), *guard.secrets(), *fixed]
 
 
 #: Connections the kernel may hold for accepting (capped by net.core.somaxconn). aiohttp's default, 128,

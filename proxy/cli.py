@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from proxy import __version__, console, demo, eventloop, logs
-from proxy.app import GUARD, POOL, make_app, serve
+from proxy.app import known_secrets, make_app, serve
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.importer import import_accounts
@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             check_listen(config, flag="--host")
     raise_open_file_limit()
     app = make_app(config)
-    logs.configure(config.logging, known=lambda: [*app[POOL].secrets(), *app[GUARD].secrets()])
+    logs.configure(config.logging, known=known_secrets(app))
 
     def ready(host: str, port: int) -> None:
         # What start-up made (modules, config, pool) lives as long as the process: leave it out of every

@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from proxy import logs, table
-from proxy.app import POOL, make_app, start
+from proxy.app import POOL, known_secrets, make_app, start
 from proxy.clock import ManualClock
 from proxy.config import Logging, load_config
 from proxy.console import render_status
@@ -99,7 +99,7 @@ class Demo:
             },
         }
         self.app = make_app(load_config(_write(self.folder / "config.json", config)), clock=self.clock)
-        logs.configure(Logging(level="warning"), known=self.app[POOL].secrets)
+        logs.configure(Logging(level="warning"), known=known_secrets(self.app))
         self.runner, port = await start(self.app, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{port}"
         self.client = aiohttp.ClientSession(trust_env=False)
@@ -227,7 +227,7 @@ async def _keep_running(demo: Demo, out: TextIO) -> None:
     demo.fake.reset_rules()
     demo.fake.on(usage_limit(resets_in=600), when=limited)
     assert demo.app is not None
-    logs.configure(Logging(level="info"), known=demo.app[POOL].secrets)
+    logs.configure(Logging(level="info"), known=known_secrets(demo.app))
     u = demo.url
     first = demo.app[POOL].order(PROVIDER, "my-session", advance=False)[0].label
     body = orjson.dumps(BODY).decode()

@@ -13,14 +13,16 @@ import asyncio
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from proxy import logs
-from proxy.config import Logging
+from proxy.app import known_secrets, make_app
+from proxy.config import Logging, load_config
 from proxy.fake_upstream import FakeUpstream, rate_limit, unauthorized, usage_limit
 from proxy.selection import fnv1a_utf16
-from tests.conftest import ProxyFactory, RunningProxy
+from tests.conftest import ProxyFactory, RunningProxy, write_json
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
@@ -74,7 +76,7 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
         }
     )
     stream = io.StringIO()
-    logs.configure(Logging(format=fmt, level="debug"), known=p.pool.secrets, stream=stream)
+    logs.configure(Logging(format=fmt, level="debug"), known=known_secrets(p.app), stream=stream)
     seen = Seen()
     body = {"model": "m", "input": "hi"}
     session = {"X-Session-Id": SID}
@@ -117,3 +119,34 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
     everything = log_text + "\n".join(seen.parts)
     for canary in CANARIES:
         assert canary not in everything, canary
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_redis_password_and_client_tokens_are_masked_in_every_log_line(tmp_path: Path) -> None:
+    """Neither is shaped like a credential: only the process's own list of its secrets can mask them."""
+    password, client_token = "canaryREDISfoxtrot3d2e", "canaryCLIENTgolf8b1a"
+    write_json(tmp_path / "auth.json", {"openai": [{"type": "api_key", "key": CANARY_KEYS[0]}]})
+    config = write_json(
+        tmp_path / "config.json",
+        {
+            "credentials_file": "auth.json",
+            "providers": {"openai": {"mount": "/openai", "upstream": "http://127.0.0.1:9/v1"}},
+            "state": {"backend": "redis", "url": f"redis://:{password}@127.0.0.1:9/0"},
+            "security": {"client_tokens": [client_token]},
+        },
+    )
+    app = make_app(load_config(config))
+    stream = io.StringIO()
+    logs.configure(Logging(level="debug"), known=known_secrets(app), stream=stream)
+    log = logging.getLogger("redis.connection")
+    log.warning("AUTH %s failed", password)
+    try:
+        raise ConnectionError(f"redis://:{password}@127.0.0.1:9/0 refused; client {client_token}")
+    except ConnectionError:
+        log.exception("the Redis state sync failed")
+    logging.getLogger("credproxy").info("key %s token %s", CANARY_KEYS[0], client_token)
+    logging.getLogger().handlers[0].flush()
+    written = stream.getvalue()
+    assert written.count("***") >= 5
+    for secret in (password, client_token, CANARY_KEYS[0]):
+        assert secret not in written
