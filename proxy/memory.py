@@ -19,7 +19,6 @@ The policy is pure (counts in, a decision out); :class:`~proxy.server.ProxyServe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 from collections.abc import Callable
 from functools import cache
@@ -52,10 +51,11 @@ class BurstRelease:
 
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # no C library found, or one without malloc_trim
+        # The process's own symbols (libc among them). ctypes.util.find_library would run ldconfig in
+        # a subprocess: blocking, and this runs on the event loop.
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # a C library without malloc_trim (musl, macOS)
         return None
     return trim
 
