@@ -26,6 +26,7 @@ from proxy.clock import Clock
 from proxy.config import Config, Provider
 from proxy.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.credentials import Credential
+from proxy.downstream import AiohttpClient, Client, Incoming
 from proxy.errors import (
     ConnectFailed,
     NoCredentialAvailable,
@@ -49,6 +50,8 @@ MAX_ERROR_BODY = 256 * 1024
 #: Bytes of a 200 SSE stream held back while looking for its first event.
 MAX_PEEK = 256 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+#: Response headers only credproxy sets (an upstream's own are dropped).
+_OURS = frozenset({"x-credproxy-credential", "x-credproxy-attempts"})
 
 
 @dataclass(slots=True)
@@ -93,43 +96,58 @@ class Forwarder:
         self.stream_event_hooks: list[StreamEventHook] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler (the catch-all route, and the server's path for what the fast server hands on)."""
+        client = AiohttpClient(request)
+        incoming = Incoming(
+            request.method,
+            request.raw_path,
+            request.path,
+            (request.version.major, request.version.minor),
+            request.headers,
+            client.read_body,
+        )
+        await self.serve(incoming, client)
+        assert client.response is not None
+        return client.response
+
+    async def serve(self, incoming: Incoming, client: Client) -> int:
+        """Answer one request on ``client``; returns the status it got."""
         record = RequestRecord(
             request_id=f"{self._id_prefix}-{next(self._ids):x}",
-            method=request.method,
-            path=request.path,
+            method=incoming.method,
+            path=incoming.path,
             started=self._clock.time(),
         )
         start = self._clock.monotonic()
         try:
-            upstream, prefix, cred = await self._choose(request, record)
+            upstream, prefix, cred = await self._choose(incoming, record)
             try:
-                response = await self._relay(request, upstream, prefix, cred, record)
+                await self._relay(incoming, client, upstream, prefix, cred, record)
             finally:
                 upstream.close()
         except RequestRejected as exc:
             record.outcome, record.error = "rejected", str(exc)
-            response = error_response(exc.status, str(exc), exc.code)
+            record.status = await client.respond(error_response(exc.status, str(exc), exc.code))
         except NoCredentialAvailable as exc:
             record.outcome, record.error = "no_credential", str(exc)
-            response = self._unavailable_response(exc, record)
+            record.status = await client.respond(self._unavailable_response(exc, record))
         except UpstreamError as exc:
             record.outcome, record.error = "upstream_error", str(exc)
-            response = error_response(exc.status, str(exc), "upstream_error", record)
+            record.status = await client.respond(error_response(exc.status, str(exc), "upstream_error", record))
         except asyncio.CancelledError:
             # The client went away (handler cancellation): the upstream request is already closed.
             record.outcome, record.status = "client_closed", 499
             self._done(record, start)
             raise
-        record.status = response.status
         self._done(record, start)
-        return response
+        return record.status
 
     def _done(self, record: RequestRecord, start: float) -> None:
         record.duration = self._clock.monotonic() - start
         for observer in self.observers:
             observer(record)
 
-    async def _choose(self, request: web.Request, record: RequestRecord) -> tuple[UpstreamResponse, bytes, Credential]:
+    async def _choose(self, request: Incoming, record: RequestRecord) -> tuple[UpstreamResponse, bytes, Credential]:
         """Send the request until an answer may be passed to the client; returns that answer (open, to be
         relayed and closed by the caller), the bytes of it already read, and the credential that got it.
 
@@ -147,13 +165,13 @@ class Forwarder:
         provider, rest = route
         record.provider = provider.name
         check_path(rest)
-        items = list(request.headers.items())
+        items = request.items()
         if hdrs.has_control_characters(items):
             raise RequestRejected(400, "a header value contains control characters")
         session_id = session_id_from(request.headers, self._limits.max_session_id_length)
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
-        body = await read_body(request, self._limits.max_body_bytes, self._limits.client_body_timeout)
+        body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
         forwarded = hdrs.to_upstream(items)
         origin, base_path = self._origins[provider.name]
         target = upstream_target(base_path, rest, query)
@@ -282,25 +300,31 @@ class Forwarder:
         return OK, b""
 
     async def _relay(
-        self, request: web.Request, upstream: UpstreamResponse, prefix: bytes, cred: Credential, record: RequestRecord
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason or None, headers=hdrs.to_client(upstream.headers)
-        )
-        # Send the head with the first body bytes (one write, not two); aiohttp sends it on the first
-        # write() or at write_eof(). Without this attribute (an older aiohttp) it goes at prepare().
-        response._send_headers_immediately = False
-        out = response.headers
-        out["x-credproxy-credential"] = cred.label
-        out["x-credproxy-attempts"] = str(record.attempts)
-        is_sse = out.get("content-type", "").startswith("text/event-stream")
-        if is_sse:
-            out.setdefault("X-Accel-Buffering", "no")
-        if upstream.status in _NO_BODY_STATUSES or request.method == "HEAD":
-            await response.prepare(request)
-            await response.write_eof()
-            return response
-        await response.prepare(request)
+        self,
+        request: Incoming,
+        client: Client,
+        upstream: UpstreamResponse,
+        prefix: bytes,
+        cred: Credential,
+        record: RequestRecord,
+    ) -> None:
+        headers = hdrs.to_client(upstream.headers)
+        headers = [(k, v) for k, v in headers if k.lower() not in _OURS]
+        is_sse = False
+        for name, value in headers:
+            if name.lower() == "content-type":
+                is_sse = value.startswith("text/event-stream")
+                break
+        headers.append(("x-credproxy-credential", cred.label))
+        headers.append(("x-credproxy-attempts", str(record.attempts)))
+        if is_sse and not any(k.lower() == "x-accel-buffering" for k, _ in headers):
+            headers.append(("X-Accel-Buffering", "no"))
+        record.status = upstream.status
+        has_body = upstream.status not in _NO_BODY_STATUSES and request.method != "HEAD"
+        await client.begin(upstream.status, upstream.reason, headers, has_body)
+        if not has_body:
+            await client.end()
+            return
         scanner = EventScanner() if is_sse else None
         try:
             chunk = prefix
@@ -310,20 +334,19 @@ class Forwarder:
                         events = scanner.feed(chunk)
                         if events:
                             self._stream_events(cred, events)
-                    await response.write(chunk)
+                    await client.write(chunk)
                 chunk = await upstream.read()
                 if not chunk:
                     break
         except StreamBroken as exc:
             record.outcome, record.error = "stream_broken", str(exc)
             log.warning("request %s: %s; aborting the client connection", record.request_id, exc)
-            _abort(request)
-            return response
+            client.abort()
+            return
         except ConnectionError:
             record.outcome = "client_closed"
-            return response
-        await response.write_eof()
-        return response
+            return
+        await client.end()
 
     def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
         """Late events of a committed stream: a limit error blocks the credential for later requests."""
@@ -370,43 +393,6 @@ class Forwarder:
         return None
 
 
-async def read_body(request: web.Request, cap: int, time_limit: float | None = None) -> bytes:
-    """The whole request body; 413 as soon as it exceeds ``cap`` (never read past it), 408 if it takes
-    longer than ``time_limit`` seconds (the server then closes the connection)."""
-    length = request.content_length
-    if length is not None and length > cap:
-        raise RequestRejected(413, f"request body of {length} bytes exceeds the limit of {cap} bytes", "body_too_large")
-    content = request.content
-    if content.is_eof():  # all of it came with the head (the usual small POST): nothing to wait for
-        body = content.read_nowait(-1)
-        if len(body) > cap:
-            raise _too_large(cap)
-        return body
-    try:
-        async with asyncio.timeout(time_limit):
-            return await _read_body(request, length, cap)
-    except TimeoutError:
-        raise RequestRejected(408, f"the request body did not arrive within {time_limit} s", "body_timeout") from None
-
-
-async def _read_body(request: web.Request, length: int | None, cap: int) -> bytes:
-    if not request.body_exists:
-        return b""
-    if length is not None:
-        body = await request.content.readexactly(length) if length else b""
-        return body
-    data = bytearray()
-    while chunk := await request.content.readany():
-        data += chunk
-        if len(data) > cap:
-            raise _too_large(cap)
-    return bytes(data)
-
-
-def _too_large(cap: int) -> RequestRejected:
-    return RequestRejected(413, f"request body exceeds the limit of {cap} bytes", "body_too_large")
-
-
 async def _read_up_to(upstream: UpstreamResponse, cap: int) -> tuple[bytes, bool]:
     """Up to ``cap`` bytes of the body, and whether that was all of it."""
     data = b""
@@ -424,12 +410,6 @@ def _lower(items: hdrs.Headers) -> dict[str, str]:
     for name, value in items:
         result.setdefault(name.lower(), value)
     return result
-
-
-def _abort(request: web.Request) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
 
 
 def json_response(status: int, body: object, record: RequestRecord | None = None) -> web.Response:
