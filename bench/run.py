@@ -5,9 +5,10 @@ It starts, on free loopback ports, a fake upstream (nginx for canned JSON when i
 
 * ``direct``: the client talks to the fake upstream;
 * ``yardstick``: :mod:`bench.yardstick`, the minimal aiohttp pass-through proxy;
-* ``credproxy-aiohttp`` / ``credproxy-fast``: ``credproxy serve`` with full logic on (several keys,
-  session selection, header rewriting, limit classification, debug headers, access log at INFO to a
-  file), once per upstream transport;
+* ``credproxy-fast`` / ``credproxy-aiohttp-server`` / ``credproxy-aiohttp``: ``credproxy serve`` with
+  full logic on (several keys, session selection, header rewriting, limit classification, debug
+  headers, access log at INFO to a file): the default (fast server and transport), aiohttp's server
+  with the fast transport, and aiohttp on both sides;
 * ``nginx-proxy``: nginx as a keep-alive reverse proxy, the reference for "costs almost nothing".
 
 Load runs are interleaved (every round visits every configuration at every connection count, in a
@@ -59,7 +60,7 @@ class Target:
         return f"http://127.0.0.1:{self.port}{self.json_path}"
 
 
-def credproxy_config(workdir: Path, name: str, json_port: int, sse_port: int, transport: str) -> Path:
+def credproxy_config(workdir: Path, name: str, json_port: int, sse_port: int, settings: dict[str, str]) -> Path:
     auth = workdir / f"{name}-auth.json"
     auth.write_bytes(orjson.dumps({p: [{"type": "api_key", "key": k} for k in KEYS] for p in ("openai", "sse")}))
     auth.chmod(0o600)
@@ -71,18 +72,28 @@ def credproxy_config(workdir: Path, name: str, json_port: int, sse_port: int, tr
         },
         "logging": {"format": "text", "level": "info"},
     }
-    if transport != "default":
-        doc["transport"] = transport
+    doc.update(settings)
     path = workdir / f"{name}-config.json"
     path.write_bytes(orjson.dumps(doc))
     return path
 
 
-def transports() -> list[str]:
-    """The upstream transports this checkout of credproxy offers."""
+def variants() -> list[tuple[str, dict[str, str]]]:
+    """The credproxy configurations this checkout offers: name and config settings. ``credproxy-fast`` is
+    the default (fast server, fast transport); ``credproxy-aiohttp-server`` swaps in aiohttp's server and
+    ``credproxy-aiohttp`` uses aiohttp on both sides, so the run shows what each part costs."""
     import proxy.config
 
-    return list(getattr(proxy.config, "TRANSPORTS", ("default",)))
+    transports = getattr(proxy.config, "TRANSPORTS", None)
+    if transports is None:
+        return [("credproxy", {})]
+    if not hasattr(proxy.config, "SERVERS"):
+        return [(f"credproxy-{t}", {"transport": t}) for t in transports]
+    return [
+        ("credproxy-fast", {"transport": "fast", "server": "fast"}),
+        ("credproxy-aiohttp-server", {"transport": "fast", "server": "aiohttp"}),
+        ("credproxy-aiohttp", {"transport": "aiohttp", "server": "aiohttp"}),
+    ]
 
 
 def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[list[Target], Running, str]:
@@ -106,9 +117,8 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
     commands: list[tuple[str, list[str]]] = []
     routes = [f"--route=/openai=http://127.0.0.1:{json_port}/v1", f"--route=/sse=http://127.0.0.1:{sse_port}/v1"]
     commands.append(("yardstick", [py, "-m", "bench.yardstick", *routes, "--port"]))
-    for transport in transports():
-        name = "credproxy" if transport == "default" else f"credproxy-{transport}"
-        config = credproxy_config(workdir, name, json_port, sse_port, transport)
+    for name, settings in variants():
+        config = credproxy_config(workdir, name, json_port, sse_port, settings)
         commands.append((name, [py, "-m", "proxy", "serve", "--config", str(config), "--port"]))
     if use_nginx:
         commands.append(("nginx-proxy", []))

@@ -167,7 +167,9 @@ LISTEN_BACKLOG = 4096
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner with the connection limits of the config and the request guard (see proxy/server.py)."""
-    return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=app[FORWARDER].handle)
+    forwarder = app[FORWARDER]
+    serve = forwarder.serve if app[CONFIG].server == "fast" else None
+    return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=forwarder.handle, serve=serve)
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

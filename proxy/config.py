@@ -37,6 +37,8 @@ _KINDS = ("openai", "codex")
 _PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
 #: Upstream transports (``proxy.fasttransport`` and ``proxy.upstream``); the first is the default.
 TRANSPORTS = ("fast", "aiohttp")
+#: Servers for proxied requests (``proxy.fastserver``, or aiohttp's for every request); the first is the default.
+SERVERS = ("fast", "aiohttp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ class Config:
     security: Security = field(default_factory=Security)
     state: State = field(default_factory=State)
     transport: str = TRANSPORTS[0]
+    server: str = SERVERS[0]
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -154,7 +157,7 @@ def load_config(path: str | Path) -> Config:
     return config
 
 
-_TOP_KEYS = ("listen", "credentials_file", "providers", "limits", "logging", "security", "state", "transport")
+_TOP_KEYS = ("listen", "credentials_file", "providers", "limits", "logging", "security", "state", "transport", "server")
 
 
 def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
@@ -201,6 +204,7 @@ def parse_config(path: Path, doc: Mapping[str, Any]) -> Config:
         security=_security(top.section("security", _SECURITY_KEYS), base),
         state=state,
         transport=top.choice("transport", TRANSPORTS[0], TRANSPORTS),
+        server=top.choice("server", SERVERS[0], SERVERS),
     )
     check_listen(config)
     return config

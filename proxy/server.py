@@ -34,7 +34,7 @@ import asyncio
 import logging
 import resource
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import orjson
 from aiohttp import web
@@ -44,7 +44,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
 from proxy.config import ADMIN_PREFIX, Limits
-from proxy.forward import error_response
+from proxy.fastserver import FastConnection, FastSettings, HttpDate, Serve, refusal_response
 from proxy.memory import BURST, RELEASE_DELAY, BurstRelease, release_memory
 from proxy.security import TOKEN_HEADER, Guard
 
@@ -107,11 +107,7 @@ def guarded(handler: Handler, guard: Guard, direct: RouteHandler | None = None) 
         access_log.info(
             "refused %s %s from %s -> %d %s", request.method, request.path, request.remote, refusal.status, refusal.code
         )
-        response = error_response(refusal.status, refusal.message, refusal.code)
-        response.force_close()  # a refused client gets no kept-alive connection to sit on
-        if refusal.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="credproxy"'
-        return response
+        return refusal_response(refusal)
 
     return guard_then_handle
 
@@ -207,6 +203,10 @@ class ProxyRequestHandler(web.RequestHandler):
         self.force_close()
 
 
+#: A client connection as :class:`ProxyServer` counts it.
+Connection: TypeAlias = "ProxyRequestHandler | FastConnection"
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server making :class:`ProxyRequestHandler` connections, counting and evicting them.
 
@@ -227,6 +227,7 @@ class ProxyServer(web.Server):
         loop: asyncio.AbstractEventLoop,
         release: Callable[[], None] | None = release_memory,
         burst: int = BURST,
+        fast: FastSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, request_factory=request_factory, loop=loop, **kwargs)
@@ -235,10 +236,14 @@ class ProxyServer(web.Server):
         self._handler_loop = loop
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.fast = fast
+        self.busy_response = _BUSY
+        self.head_timeout_response = _HEAD_TIMEOUT
+        self.date = HttpDate()
         # Every open connection is in exactly one of these (dicts keep insertion order: oldest first).
-        self._fresh: dict[ProxyRequestHandler, None] = {}  # no request head completed yet
-        self._idle: dict[ProxyRequestHandler, None] = {}  # waiting for a later request head
-        self._busy: dict[ProxyRequestHandler, None] = {}  # a request is being handled
+        self._fresh: dict[Connection, None] = {}  # no request head completed yet
+        self._idle: dict[Connection, None] = {}  # waiting for a later request head
+        self._busy: dict[Connection, None] = {}  # a request is being handled
         self.evicted = 0
         self.refused = 0
         self._last_warning = -CAP_WARNING_INTERVAL
@@ -259,14 +264,30 @@ class ProxyServer(web.Server):
 
         self.request_factory = head_then_request
 
-    def __call__(self) -> ProxyRequestHandler:
+    def __call__(self) -> ProxyRequestHandler | FastConnection:  # type: ignore[override]
+        if self.fast is not None:
+            return FastConnection(self, self.fast, self._handler_loop)
         return ProxyRequestHandler(self, loop=self._handler_loop, **self._handler_kwargs)
+
+    def hand_over(self, connection: FastConnection, transport: asyncio.Transport, data: bytes) -> None:
+        """Move a connection from the fast server to aiohttp's handler, with the bytes read so far."""
+        self.release(connection)
+        self.forget(connection)
+        handler = ProxyRequestHandler(self, loop=self._handler_loop, **self._handler_kwargs)
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if data and handler.transport is not None:
+            handler.data_received(data)
+
+    def forget(self, connection: FastConnection) -> None:
+        """A fast connection closed (or was handed over): shutdown need not wait for it."""
+        self._connections.pop(connection, None)  # type: ignore[call-overload]
 
     @property
     def open_connections(self) -> int:
         return len(self._fresh) + len(self._idle) + len(self._busy)
 
-    def admit(self, handler: ProxyRequestHandler) -> bool:
+    def admit(self, handler: Connection) -> bool:
         """Count a new connection, evicting a waiting one at the cap; ``False``: refuse it."""
         if self.open_connections >= self.max_connections:
             victim = next(iter(self._fresh), None)
@@ -283,19 +304,19 @@ class ProxyServer(web.Server):
         self._fresh[handler] = None
         return True
 
-    def busy(self, handler: ProxyRequestHandler) -> None:
+    def busy(self, handler: Connection) -> None:
         if self._forget(handler):
             self._busy[handler] = None
             self._bursts.started(len(self._busy))
 
-    def idle(self, handler: ProxyRequestHandler) -> None:
+    def idle(self, handler: Connection) -> None:
         if self._forget(handler):
             self._idle[handler] = None
 
-    def release(self, handler: ProxyRequestHandler) -> None:
+    def release(self, handler: Connection) -> None:
         self._forget(handler)
 
-    def _forget(self, handler: ProxyRequestHandler) -> bool:
+    def _forget(self, handler: Connection) -> bool:
         """Remove ``handler`` from the tables; ``False`` when it was not counted (evicted, or never admitted)."""
         for table in (self._fresh, self._idle, self._busy):
             if handler in table:
@@ -355,9 +376,17 @@ class ProxyRunner(web.AppRunner):
     in flight get ``limits.shutdown_grace`` to finish before they are cut.
     """
 
-    def __init__(self, app: web.Application, guard: Guard, limits: Limits, direct: RouteHandler | None = None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        guard: Guard,
+        limits: Limits,
+        direct: RouteHandler | None = None,
+        serve: Serve | None = None,
+    ) -> None:
         self._guard = guard
         self._direct = direct
+        self._serve = serve
         self._limits = limits
         self._settings: dict[str, Any] = {"access_log": None, "auto_decompress": False, **handler_settings(limits)}
         super().__init__(app, handler_cancellation=True, shutdown_timeout=limits.shutdown_grace, **self._settings)
@@ -371,6 +400,7 @@ class ProxyRunner(web.AppRunner):
             header_timeout=self._limits.client_header_timeout,
             max_connections=connection_cap(self._limits.max_client_connections),
             loop=asyncio.get_running_loop(),
+            fast=None if self._serve is None else FastSettings(self._serve, self._guard, self._limits),
             **self._settings,
         )
 

@@ -184,7 +184,8 @@ async def proxy(
 ) -> AsyncIterator[ProxyFactory]:
     """``await proxy(credentials_doc, providers=..., limits=..., **config)`` -> :class:`RunningProxy`.
 
-    Parametrized by upstream transport: every end-to-end test runs once on each.
+    Parametrized: every end-to-end test runs once with the fast server and transport, and once with
+    aiohttp's server and client.
     """
     running: list[RunningProxy] = []
 
@@ -202,6 +203,7 @@ async def proxy(
             "credentials_file": "auth.json",
             "providers": providers or default_providers(fake),
             "transport": request.param,
+            "server": request.param,  # "fast": both fast paths; "aiohttp": aiohttp's client and server
         }
         if limits:
             doc["limits"] = limits
