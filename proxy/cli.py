@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy import __version__, console, demo, eventloop, logs
+from proxy import __version__, console, demo, eventloop, logs, memory
 from proxy.app import known_secrets, make_app, serve
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.errors import ConfigError, StoreError
@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
+            if argv is None:  # the real command line (not a call from Python): may re-execute itself
+                use_system_allocator()
             return cmd_serve(args)
         if args.command == "import":
             return cmd_import(args)
@@ -94,6 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 2
+
+
+def use_system_allocator() -> None:
+    """Re-execute this process (same PID, same command line) with ``PYTHONMALLOC=malloc`` unless the
+    environment names an allocator already (see proxy/memory.py); on failure, go on as it is."""
+    environ = memory.serve_environment(os.environ)
+    if environ is None or not sys.orig_argv:
+        return
+    try:
+        os.execve(sys.executable, sys.orig_argv, environ)  # noqa: S606 (the same command line, re-run)
+    except OSError as exc:
+        print(f"credproxy: could not switch to the system allocator ({exc}); going on", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

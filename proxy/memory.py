@@ -14,19 +14,37 @@ once) and, if still quiet, calls :func:`release_memory`: one full garbage collec
 library has no ``malloc_trim`` (musl, macOS) only the collection runs.
 
 The policy is pure (counts in, a decision out); :class:`~proxy.server.ProxyServer` does the timing.
+
+That still leaves CPython's own allocator (pymalloc) holding about a fifth of a burst's peak: its
+1 MiB arenas are carved into 16 KiB pools, and one object that outlives the burst keeps its pool and
+its arena. ``credproxy serve`` therefore runs with the C library's allocator
+(``PYTHONMALLOC=malloc``, which ``malloc_trim`` can then empty) unless the environment already names
+one: :func:`serve_environment` decides, the command re-executes itself (same PID, same arguments)
+with it. The bench measured no CPU cost for it, and an after-burst footprint back within 10% of
+idle instead of about 25% above it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 
 #: Requests in flight that make a burst worth releasing after.
 BURST = 64
 #: Seconds of quiet before releasing.
 RELEASE_DELAY = 1.0
+#: The environment variable that picks CPython's allocator.
+ALLOCATOR = "PYTHONMALLOC"
+
+
+def serve_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment ``credproxy serve`` should re-execute itself with, or ``None`` to run as it is:
+    the C library's allocator, unless ``PYTHONMALLOC`` is set (to anything: the user's choice stands)."""
+    if ALLOCATOR in environ:
+        return None
+    return {**environ, ALLOCATOR: "malloc"}
 
 
 class BurstRelease:

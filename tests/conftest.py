@@ -94,7 +94,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-async def start_serve(config: Path, *extra: str) -> ServeProcess:
+async def start_serve(config: Path, *extra: str, env: dict[str, str] | None = None) -> ServeProcess:
     """Start ``python -m proxy serve --port 0`` and wait until it listens (the URL comes from its log)."""
     fd, name = tempfile.mkstemp(dir=config.parent, prefix="credproxy-", suffix=".log")
     log_path = Path(name)
@@ -111,6 +111,7 @@ async def start_serve(config: Path, *extra: str) -> ServeProcess:
             *extra,
             stderr=fd,
             cwd=ROOT,
+            env=env,
         )
     finally:
         os.close(fd)

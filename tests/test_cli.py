@@ -53,6 +53,30 @@ async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "malloc"), ("pymalloc", "pymalloc")])
+async def test_serve_runs_on_the_system_allocator_unless_one_is_chosen(
+    tmp_path: Path, fake: FakeUpstream, chosen: str | None, expected: str
+) -> None:
+    """``credproxy serve`` re-executes itself with PYTHONMALLOC=malloc (see proxy/memory.py): same PID."""
+    write_json(tmp_path / "auth.json", keys("sk-test-alpha-0001"))
+    config = write_json(
+        tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+    if chosen is not None:
+        env["PYTHONMALLOC"] = chosen
+    serving = await start_serve(config, env=env)
+    try:
+        environ = (await asyncio.to_thread(Path(f"/proc/{serving.process.pid}/environ").read_bytes)).split(b"\0")
+        async with aiohttp.ClientSession() as session, session.post(f"{serving.url}/openai/responses", json={}) as r:
+            assert r.status == 200
+    finally:
+        code, log = await stop_serve(serving)
+    assert f"PYTHONMALLOC={expected}".encode() in environ
+    assert code == 0
+    assert log.count("listening on") == 1
+
+
 @pytest.mark.parametrize(
     ("doc", "key"),
     [

@@ -103,3 +103,18 @@ async def test_the_server_releases_once_after_a_burst_ends_and_not_while_request
     finally:
         listener.close()
         await proxy_server.shutdown(1)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"PATH": "/bin"}, {"PATH": "/bin", "PYTHONMALLOC": "malloc"}),  # nothing chosen: the C library's
+        ({"PYTHONMALLOC": "pymalloc"}, None),  # the user's choice stands
+        ({"PYTHONMALLOC": ""}, None),
+        ({"PYTHONMALLOC": "malloc"}, None),  # already on it (the re-executed process): no loop
+    ],
+)
+def test_serve_switches_to_the_system_allocator_unless_one_is_chosen(
+    environ: dict[str, str], expected: dict[str, str] | None
+) -> None:
+    assert memory.serve_environment(environ) == expected
