@@ -49,6 +49,16 @@ class Incoming:
         return self._items if self._items is not None else list(self.headers.items())
 
 
+class Outlet(Protocol):
+    """A client that takes body chunks from callbacks (see UpstreamResponse.pipe)."""
+
+    #: Called when the client's buffer has drained after :meth:`put` returned False.
+    on_drain: Callable[[], None] | None
+
+    def put(self, chunk: bytes) -> bool:
+        """Send body bytes now; False when the client's buffer is full. ``ConnectionError`` if it went away."""
+
+
 class Client(Protocol):
     """Where an answer goes. Nothing is sent before :meth:`begin` or :meth:`respond`."""
 
@@ -66,6 +76,9 @@ class Client(Protocol):
 
     def abort(self) -> None:
         """Cut the connection: a broken upstream stream must not look complete."""
+
+    def outlet(self) -> Outlet | None:
+        """This client as an :class:`Outlet`, after :meth:`begin`; ``None`` if it cannot be one."""
 
 
 class AiohttpClient:
@@ -131,6 +144,9 @@ class AiohttpClient:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+    def outlet(self) -> None:
+        return None
 
 
 def body_too_large(cap: int, length: int | None = None) -> RequestRejected:

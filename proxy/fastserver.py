@@ -215,6 +215,7 @@ class FastConnection(asyncio.Protocol):
         "_timer",
         "_transport",
         "admitted",
+        "on_drain",
     )
 
     def __init__(self, server: ProxyServer, settings: FastSettings, loop: asyncio.AbstractEventLoop) -> None:
@@ -233,6 +234,7 @@ class FastConnection(asyncio.Protocol):
         self._paused = False
         self._read_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self.on_drain: Callable[[], None] | None = None  # see put()
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -279,6 +281,8 @@ class FastConnection(asyncio.Protocol):
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self.on_drain is not None:
+            self.on_drain()
 
     def data_received(self, data: bytes) -> None:
         if self._task is not None:  # a request is in progress: its body, then the next request
@@ -521,17 +525,25 @@ class FastConnection(asyncio.Protocol):
         self._responded = 1
 
     async def write(self, chunk: bytes) -> None:
-        if self._transport is None:
+        if not self.put(chunk):
+            drain = self._drain = self._loop.create_future()
+            await drain
+
+    def put(self, chunk: bytes) -> bool:
+        """Send body bytes (with the head, the first time); False when the socket buffer is full."""
+        transport = self._transport
+        if transport is None:
             raise ConnectionResetError("the client closed the connection")
         if self._chunked:
             data = b"%s%x\r\n%s\r\n" % (self._head_out, len(chunk), chunk)
         else:
             data = self._head_out + chunk if self._head_out else chunk
         self._head_out = b""
-        self._transport.write(data)
-        if self._paused:
-            drain = self._drain = self._loop.create_future()
-            await drain
+        transport.write(data)
+        return not self._paused
+
+    def outlet(self) -> FastConnection:
+        return self
 
     async def end(self) -> None:
         self._write(self._head_out + b"0\r\n\r\n" if self._chunked else self._head_out)

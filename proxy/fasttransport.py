@@ -59,6 +59,7 @@ from yarl import URL
 from proxy.config import Limits
 from proxy.errors import ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 from proxy.headers import Headers
+from proxy.upstream import Deliver
 
 #: A pooled connection idle for longer than this is closed instead of reused.
 POOL_IDLE_S = 15.0
@@ -100,12 +101,17 @@ class _Connection(BaseProtocol):
     """One upstream connection: at most one request at a time, parsed by llhttp into a StreamReader."""
 
     __slots__ = (
+        "_client_full",
         "_closed",
+        "_deliver",
         "_got_bytes",
         "_last",
         "_limits",
         "_message_done",
         "_payload",
+        "_piped",
+        "_pump_again",
+        "_pumping",
         "_waiter",
         "_watchdog",
         "idle_since",
@@ -126,6 +132,12 @@ class _Connection(BaseProtocol):
         self._last = 0.0
         self.idle_since = 0.0
         self.reused = False
+        # The pipe (see pipe()): where body chunks go, the future that ends with the body, flow state.
+        self._deliver: Deliver | None = None
+        self._piped: asyncio.Future[None] | None = None
+        self._client_full = False
+        self._pumping = False
+        self._pump_again = False
 
     # -- the request's side --------------------------------------------------------------------
 
@@ -172,15 +184,94 @@ class _Connection(BaseProtocol):
 
     def release(self) -> None:
         self._stop_watchdog()
+        self._unpipe()
         self._parser = None
         self._payload = None
         self._waiter = None
 
     def close(self) -> None:
         self._stop_watchdog()
+        self._unpipe()
         self._closed = True
         if self.transport is not None:
             self.transport.close()
+
+    # -- the pipe: body chunks delivered from the callbacks ------------------------------------
+
+    def pipe(self, deliver: Deliver) -> asyncio.Future[None]:
+        """Deliver the rest of the body (what is buffered now, then each read) to ``deliver``."""
+        self._deliver = deliver
+        self._piped = piped = self._loop.create_future()
+        self._client_full = False
+        self._pump()
+        return piped
+
+    def resume(self) -> None:
+        """The client drained its buffer: read and deliver again."""
+        if self._deliver is None or not self._client_full:
+            return
+        self._client_full = False
+        self.resume_reading()  # parses what the pause left in the parser, which pumps
+        self._pump()
+
+    def _pump(self) -> None:
+        """Deliver what the payload holds; finish the pipe at the body's end or on an error.
+
+        Reading the payload may resume the transport and parse more (aiohttp's flow control), which
+        calls this again: that nested call only asks the running one to go round once more, so the
+        chunks keep their order."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        payload = self._payload
+        if self._deliver is None or self._client_full or payload is None:
+            return
+        self._pumping = True
+        try:
+            while self._deliver is not None:
+                self._pump_again = False
+                try:
+                    data = payload.read_nowait(-1)
+                except StreamBroken as exc:
+                    self._end_pipe(exc)
+                    return
+                except (_PayloadError, RuntimeError, OSError) as exc:
+                    self._end_pipe(StreamBroken(f"upstream stream broke: {type(exc).__name__}"))
+                    return
+                if data:
+                    try:
+                        more = self._deliver(data)
+                    except BaseException as exc:  # the client went away, or a bug: the relay raises it
+                        self._end_pipe(exc)
+                        return
+                    if not more:
+                        self._client_full = True
+                        self.pause_reading()  # until resume(); the watchdog does not count this time
+                        return
+                if payload.at_eof():
+                    self._end_pipe(None)
+                    return
+                if not self._pump_again:
+                    return
+        finally:
+            self._pumping = False
+
+    def _end_pipe(self, exc: BaseException | None) -> None:
+        piped = self._piped
+        self._deliver = None
+        self._piped = None
+        if piped is not None and not piped.done():
+            if exc is None:
+                piped.set_result(None)
+            else:
+                piped.set_exception(exc)
+
+    def _unpipe(self) -> None:
+        """The response is given back: no more deliveries (the relay has stopped waiting)."""
+        self._deliver = None
+        piped, self._piped = self._piped, None
+        if piped is not None and not piped.done():
+            piped.cancel()
 
     # -- the event loop's side -----------------------------------------------------------------
 
@@ -214,6 +305,8 @@ class _Connection(BaseProtocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result((message, payload))
+        if self._deliver is not None:
+            self._pump()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp's StreamReader calls this after every read that leaves its buffer low, paused or not;
@@ -244,6 +337,8 @@ class _Connection(BaseProtocol):
                 self._payload.set_exception(StreamBroken(f"upstream stream broke: {type(error).__name__}"))
             if not self._payload.is_eof():
                 self._payload.set_exception(StreamBroken("upstream stream broke: connection closed"))
+        if self._deliver is not None:
+            self._pump()
         super().connection_lost(exc)
 
     def _on_body_end(self) -> None:
@@ -256,6 +351,7 @@ class _Connection(BaseProtocol):
             waiter.set_exception(UpstreamReset(reason))
         elif self._payload is not None and not self._payload.is_eof():
             self._payload.set_exception(StreamBroken(reason))
+            self._pump()
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -289,6 +385,7 @@ class _Connection(BaseProtocol):
             self._watchdog = self._loop.call_at(now + idle, self._on_timer)
         elif now - self._last >= idle:
             payload.set_exception(StreamBroken("upstream stream broke: idle timeout"))
+            self._pump()
             self._closed = True
             if self.transport is not None:
                 self.transport.abort()
@@ -314,6 +411,13 @@ class _FastResponse:
             raise
         except (_PayloadError, RuntimeError, OSError) as exc:
             raise StreamBroken(f"upstream stream broke: {type(exc).__name__}") from None
+
+    def pipe(self, deliver: Deliver) -> asyncio.Future[None] | None:
+        return None if self._connection is None else self._connection.pipe(deliver)
+
+    def resume(self) -> None:
+        if self._connection is not None:
+            self._connection.resume()
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

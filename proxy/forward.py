@@ -26,7 +26,7 @@ from proxy.clock import Clock
 from proxy.config import Config, Provider
 from proxy.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.credentials import Credential
-from proxy.downstream import AiohttpClient, Client, Incoming
+from proxy.downstream import AiohttpClient, Client, Incoming, Outlet
 from proxy.errors import (
     ConnectFailed,
     NoCredentialAvailable,
@@ -40,7 +40,7 @@ from proxy.replay import Action, ReplayPlan, action_for
 from proxy.routing import check_path, find_provider, split_target, upstream_target
 from proxy.selection import fnv1a_utf16, session_id_from
 from proxy.sse import EventScanner, parse_json, split_first_event
-from proxy.upstream import Transport, UpstreamResponse
+from proxy.upstream import Deliver, Transport, UpstreamResponse
 
 log = logging.getLogger("credproxy")
 
@@ -326,18 +326,26 @@ class Forwarder:
             await client.end()
             return
         scanner = EventScanner() if is_sse else None
+        outlet = client.outlet()
         try:
-            chunk = prefix
-            while True:
-                if chunk:
-                    if scanner is not None:
-                        events = scanner.feed(chunk)
-                        if events:
-                            self._stream_events(cred, events)
+            if prefix:
+                self._scan(scanner, cred, prefix)
+                await client.write(prefix)
+            piped = None if outlet is None else upstream.pipe(self._deliverer(scanner, cred, outlet))
+            if piped is None:
+                while chunk := await upstream.read():
+                    self._scan(scanner, cred, chunk)
                     await client.write(chunk)
-                chunk = await upstream.read()
-                if not chunk:
-                    break
+            else:
+                # Both ends are raw protocols: chunks go from the upstream connection's callbacks to the
+                # client's socket, no task switch per chunk. When the client's buffer is full the
+                # upstream stops reading; the client's drain resumes it.
+                assert outlet is not None
+                outlet.on_drain = upstream.resume
+                try:
+                    await piped
+                finally:
+                    outlet.on_drain = None
         except StreamBroken as exc:
             record.outcome, record.error = "stream_broken", str(exc)
             log.warning("request %s: %s; aborting the client connection", record.request_id, exc)
@@ -347,6 +355,25 @@ class Forwarder:
             record.outcome = "client_closed"
             return
         await client.end()
+
+    def _scan(self, scanner: EventScanner | None, cred: Credential, chunk: bytes) -> None:
+        if scanner is not None:
+            events = scanner.feed(chunk)
+            if events:
+                self._stream_events(cred, events)
+
+    def _deliverer(self, scanner: EventScanner | None, cred: Credential, outlet: Outlet) -> Deliver:
+        put = outlet.put
+        if scanner is None:
+            return put
+
+        def scan_and_put(chunk: bytes) -> bool:
+            events = scanner.feed(chunk)
+            if events:
+                self._stream_events(cred, events)
+            return put(chunk)
+
+        return scan_and_put
 
     def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
         """Late events of a committed stream: a limit error blocks the credential for later requests."""

@@ -19,6 +19,7 @@ environment proxies, no decompression (bytes and ``Content-Encoding`` pass throu
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
@@ -44,6 +45,21 @@ class UpstreamResponse(Protocol):
     def close(self) -> None:
         """Give the response back: reuse the connection when the body was read to the end, else drop it."""
         ...
+
+    def pipe(self, deliver: Deliver) -> asyncio.Future[None] | None:
+        """Hand the rest of the body to ``deliver`` as it arrives, from the connection's callbacks (no
+        task switch per chunk); the future ends with the body, or raises StreamBroken. ``None``: this
+        transport cannot, use :meth:`read`. When ``deliver`` returns False the connection stops reading
+        until :meth:`resume` is called."""
+        ...
+
+    def resume(self) -> None:
+        """The client can take more (see :meth:`pipe`)."""
+        ...
+
+
+#: Takes a body chunk; False when the client's buffer is full (see UpstreamResponse.pipe).
+Deliver = Callable[[bytes], bool]
 
 
 class Transport(Protocol):
@@ -74,6 +90,12 @@ class _AiohttpResponse:
             self._response.release()
         else:
             self._response.close()
+
+    def pipe(self, deliver: Deliver) -> None:
+        return None
+
+    def resume(self) -> None:
+        return None
 
 
 class AiohttpTransport:

@@ -506,6 +506,162 @@ def test_a_slow_consumer_pauses_reading_instead_of_buffering_the_whole_body(run:
     run(scenario())
 
 
+# The pipe: body chunks delivered from the connection's callbacks -------------------------------
+
+
+def test_the_pipe_delivers_every_chunk_in_order_and_the_connection_is_reused(run: Any) -> None:
+    chunks = [b"data: %d\n\n" % i for i in range(5)]
+
+    async def scenario() -> None:
+        gates = [asyncio.Event() for _ in chunks]
+
+        async def handler(conn: Conn) -> None:
+            await conn.request()
+            await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for gate, chunk in zip(gates, chunks, strict=True):
+                await gate.wait()
+                await conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await conn.send(b"0\r\n\r\n")
+            await answer_all(conn)
+
+        async with serving(handler) as server:
+            transport = FastTransport(LIMITS)
+            response = await transport.request("GET", server.origin, "/", [], b"")
+            got: list[bytes] = []
+
+            def deliver(chunk: bytes) -> bool:
+                got.append(chunk)
+                if len(got) < len(gates):
+                    gates[len(got)].set()  # the next chunk is sent only once this one arrived: one each
+                return True
+
+            piped = response.pipe(deliver)
+            assert piped is not None
+            gates[0].set()
+            await piped
+            response.close()
+            assert got == chunks
+            assert await get(transport, server) == (200, b"ok")
+            assert server.connections == 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("head", "rest"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"only this"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\na\r\ncut"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"),
+    ],
+)
+def test_a_piped_body_cut_short_or_malformed_is_stream_broken(run: Any, head: bytes, rest: bytes) -> None:
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def handler(conn: Conn) -> None:
+            await conn.request()
+            await conn.send(head)
+            await started.wait()
+            await conn.send(rest)
+
+        async with serving(handler) as server:
+            response = await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
+            piped = response.pipe(lambda chunk: True)
+            assert piped is not None
+            started.set()
+            with pytest.raises(StreamBroken):
+                await piped
+            response.close()
+
+    run(scenario())
+
+
+def test_a_piped_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await conn.wait_closed_by_client()
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            response = await FastTransport(Limits(idle_timeout=0.2)).request("GET", server.origin, "/", [], b"")
+            got: list[bytes] = []
+
+            def deliver(chunk: bytes) -> bool:
+                got.append(chunk)
+                return True
+
+            piped = response.pipe(deliver)
+            assert piped is not None
+            with pytest.raises(StreamBroken, match="idle"):
+                await piped
+            assert got == [b"hello"]
+            response.close()
+            await server.client_closed.wait()
+
+    run(scenario())
+
+
+def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
+    body = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            # Time paused for the client is not upstream idleness: the watchdog must not fire.
+            response = await FastTransport(Limits(idle_timeout=0.2)).request("GET", server.origin, "/", [], b"")
+            got: list[bytes] = []
+
+            def deliver(chunk: bytes) -> bool:
+                got.append(chunk)
+                return False  # the client's buffer is always full
+
+            piped = response.pipe(deliver)
+            assert piped is not None
+            await asyncio.sleep(0.6)  # the server keeps writing; the connection must not read on
+            connection = response._connection
+            assert connection is not None
+            assert connection._reading_paused
+            assert sum(map(len, got)) <= 2 * READ_BUFFER + 256 * 1024  # at most a buffer and a socket read
+            assert len(got) == 1
+            assert not piped.done()
+            connection._on_timer()  # fired while paused: not an idle upstream
+            while not piped.done():
+                response.resume()
+                await asyncio.sleep(0)
+            await piped
+            assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(body).digest()
+            response.close()
+
+    run(scenario())
+
+
+def test_an_error_raised_by_deliver_ends_the_pipe_with_it(run: Any) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await conn.wait_closed_by_client()
+
+    def deliver(chunk: bytes) -> bool:
+        raise ConnectionResetError("the client went away")
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            response = await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
+            piped = response.pipe(deliver)
+            assert piped is not None
+            with pytest.raises(ConnectionResetError):
+                await piped
+            response.close()
+            await server.client_closed.wait()  # not reusable: dropped
+
+    run(scenario())
+
+
 # TLS -------------------------------------------------------------------------------------------
 
 
