@@ -5,6 +5,8 @@ It starts, on free loopback ports, a fake upstream (nginx for canned JSON when i
 
 * ``direct``: the client talks to the fake upstream;
 * ``yardstick``: :mod:`bench.yardstick`, the minimal aiohttp pass-through proxy;
+* ``python-pipe``: :mod:`bench.pipe`, a TCP-level relay on uvloop (no HTTP at all): the floor for
+  any Python proxy on this machine;
 * ``credproxy-fast`` / ``credproxy-aiohttp-server`` / ``credproxy-aiohttp``: ``credproxy serve`` with
   full logic on (several keys, session selection, header rewriting, limit classification, debug
   headers, access log at INFO to a file): the default (fast server and transport), aiohttp's server
@@ -117,6 +119,8 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
     commands: list[tuple[str, list[str]]] = []
     routes = [f"--route=/openai=http://127.0.0.1:{json_port}/v1", f"--route=/sse=http://127.0.0.1:{sse_port}/v1"]
     commands.append(("yardstick", [py, "-m", "bench.yardstick", *routes, "--port"]))
+    pipe = [py, "-m", "bench.pipe", "--json-port", str(json_port), "--sse-port", str(sse_port), "--port"]
+    commands.append(("python-pipe", pipe))
     for name, settings in variants():
         config = credproxy_config(workdir, name, json_port, sse_port, settings)
         commands.append((name, [py, "-m", "proxy", "serve", "--config", str(config), "--port"]))
@@ -125,7 +129,10 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
     for name, argv in commands:
         if wanted is not None and name not in wanted:
             continue
-        target = Target(name, 0, "/openai/responses", "/sse/stream", "/sse/hold", argv=argv)
+        if name == "python-pipe":  # bytes verbatim: the upstream's own paths
+            target = Target(name, 0, "/v1/responses", "/v1/stream", "/v1/hold", argv=argv)
+        else:
+            target = Target(name, 0, "/openai/responses", "/sse/stream", "/sse/hold", argv=argv)
         if name == "nginx-proxy":
             target.make_argv = lambda port: nginx.argv(nginx.proxy_config(workdir, port, json_port, sse_port, nofile))
         launch(procs, target)
