@@ -87,7 +87,8 @@ PIPELINE_LIMIT = 64 * 1024
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.1")
 # Header lines: a token, a colon, then printable ASCII, space or tab. Anything else (obs-fold, bytes
 # above 0x7f, control characters, a space before the colon) is for aiohttp to judge.
-_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*")
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_FIELD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
 _HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
 _ADMIN = ADMIN_PREFIX.encode()
 _TOKEN = TOKEN_HEADER.lower()
@@ -127,18 +128,23 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
     target = match.group(2)
     if b"%" in target or b"#" in target or target.startswith(_ADMIN):
         return None
-    if _HEADER_LINES.fullmatch(head, line_end + 2) is None:
+    block = head[line_end + 2 :]
+    if block.translate(None, _FIELD_BYTES):  # a byte that is not tab, CR, LF or printable ASCII
         return None
-    lines = head[line_end + 2 : -2].decode("ascii").split("\r\n") if len(head) > line_end + 2 else []
-    if len(lines) > limits.max_headers:
+    lines = block.decode("ascii").split("\r\n")
+    lines.pop()  # what follows the last CRLF: nothing
+    count = len(lines)
+    if count > limits.max_headers or not block.count(b"\r") == block.count(b"\n") == count:  # a bare CR or LF
+        return None
+    max_field = limits.max_header_bytes
+    if len(block) > max_field and max(map(len, lines)) > max_field:
         return None
     items: Headers = []
     first: dict[str, str] = {}
-    max_field = limits.max_header_bytes
     for line in lines:
-        if len(line) > max_field:
+        name, colon, value = line.partition(":")
+        if not colon or not name:
             return None
-        name, _, value = line.partition(":")
         value = value.strip(" \t")
         lower = name.lower()
         if lower in first:
@@ -147,6 +153,8 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
         else:
             first[lower] = value
         items.append((name, value))
+    if "".join(first).encode().translate(None, _TOKEN_BYTES):  # a name that is not a token
+        return None
     if not first.keys().isdisjoint(_HAND_OVER) or "host" not in first:  # aiohttp: 400 for HTTP/1.1 without Host
         return None
     length = first.get("content-length", "0")
@@ -199,6 +207,7 @@ class FastConnection(asyncio.Protocol):
         "_chunked",
         "_close_after",
         "_closing",
+        "_deadline",
         "_drain",
         "_handed_over",
         "_head_out",
@@ -206,6 +215,7 @@ class FastConnection(asyncio.Protocol):
         "_keepalive",
         "_loop",
         "_method",
+        "_on_deadline",
         "_paused",
         "_read_paused",
         "_responded",
@@ -213,6 +223,7 @@ class FastConnection(asyncio.Protocol):
         "_settings",
         "_task",
         "_timer",
+        "_timer_at",
         "_transport",
         "admitted",
         "on_drain",
@@ -224,7 +235,10 @@ class FastConnection(asyncio.Protocol):
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # see _arm()
+        self._timer_at = 0.0
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] = self._head_timed_out
         self._task: asyncio.Task[None] | None = None
         self._head_started = False
         self._keepalive = False  # the timer is the keep-alive one (between requests)
@@ -261,7 +275,7 @@ class FastConnection(asyncio.Protocol):
         self._arm(self._server.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
+        self._stop_timer()
         self._transport = None
         if not self.admitted:
             return
@@ -412,7 +426,7 @@ class FastConnection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """Give the connection, and the bytes read so far, to aiohttp's handler."""
-        self._disarm()
+        self._stop_timer()
         transport, self._transport = self._transport, None
         data, self._buffer = self._buffer, b""
         self._handed_over = True
@@ -427,17 +441,42 @@ class FastConnection(asyncio.Protocol):
     # -- timers --------------------------------------------------------------------------------
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, callback)
+        """Call ``callback`` in ``delay`` seconds unless disarmed or re-armed first.
+
+        One timer per connection, moved only when it fires before the current deadline or must fire
+        earlier than it is set for: arming and disarming twice per request costs no timer handle."""
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        self._on_deadline = callback
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
+            self._timer_at = deadline
 
     def _disarm(self) -> None:
+        self._deadline = None  # a pending timer finds nothing to do
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _head_timed_out(self) -> None:
+    def _timer_fired(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if deadline > self._loop.time():  # re-armed since it was set: wait for the new deadline
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
+            self._timer_at = deadline
+            return
+        self._deadline = None
+        self._on_deadline()
+
+    def _head_timed_out(self) -> None:
         if self._task is None and self._transport is not None:
             if self._head_started:
                 self._transport.write(self._server.head_timeout_response)
@@ -445,7 +484,6 @@ class FastConnection(asyncio.Protocol):
             self._transport.close()
 
     def _keepalive_timed_out(self) -> None:
-        self._timer = None
         if self._task is None and not self._head_started and self._transport is not None:
             self._transport.close()
 
