@@ -113,6 +113,8 @@ class _Connection(BaseProtocol):
         "_pump_again",
         "_pumping",
         "_waiter",
+        "_watch_fires",
+        "_watch_until",
         "_watchdog",
         "idle_since",
         "origin",
@@ -126,7 +128,9 @@ class _Connection(BaseProtocol):
         self._closed = False
         self._waiter: asyncio.Future[tuple[Any, StreamReader]] | None = None
         self._payload: StreamReader | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None  # see _watch()
+        self._watch_fires = 0.0
+        self._watch_until: float | None = None
         self._got_bytes = False
         self._message_done = False
         self._last = 0.0
@@ -160,7 +164,7 @@ class _Connection(BaseProtocol):
         self._payload = None
         self._got_bytes = False
         self._message_done = False
-        self._watchdog = loop.call_at(loop.time() + self._limits.header_timeout, self._on_timer)
+        self._watch(loop.time() + self._limits.header_timeout)
         assert self.transport is not None
         if body and len(body) <= 65536:
             self.transport.write(data + body)
@@ -190,7 +194,7 @@ class _Connection(BaseProtocol):
         self._waiter = None
 
     def close(self) -> None:
-        self._stop_watchdog()
+        self._cancel_watchdog()
         self._unpipe()
         self._closed = True
         if self.transport is not None:
@@ -323,7 +327,7 @@ class _Connection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
-        self._stop_watchdog()
+        self._cancel_watchdog()
         origin_idle = self.origin.idle
         if self._parser is None and self in origin_idle:
             origin_idle.remove(self)
@@ -360,15 +364,43 @@ class _Connection(BaseProtocol):
         self._stop_watchdog()
         if not self._message_done:
             self._last = now = self._loop.time()
-            self._watchdog = self._loop.call_at(now + self._limits.idle_timeout, self._on_timer)
+            self._watch(now + self._limits.idle_timeout)
+
+    def _watch(self, when: float) -> None:
+        """Have :meth:`_on_timer` run at ``when``, unless stopped first.
+
+        One timer per connection: a pending one that fires before ``when`` re-arms itself then, so a
+        request on a pooled connection (a header deadline set, then stopped) costs no timer handle."""
+        self._watch_until = when
+        timer = self._watchdog
+        if timer is None or self._watch_fires > when:
+            if timer is not None:
+                timer.cancel()
+            self._watchdog = self._loop.call_at(when, self._watch_due)
+            self._watch_fires = when
 
     def _stop_watchdog(self) -> None:
+        self._watch_until = None  # a pending timer finds nothing to do
+
+    def _cancel_watchdog(self) -> None:
+        self._watch_until = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
 
-    def _on_timer(self) -> None:
+    def _watch_due(self) -> None:
         self._watchdog = None
+        when = self._watch_until
+        if when is None:
+            return
+        if when > self._loop.time():
+            self._watchdog = self._loop.call_at(when, self._watch_due)
+            self._watch_fires = when
+            return
+        self._watch_until = None
+        self._on_timer()
+
+    def _on_timer(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(HeaderTimeout("the upstream sent no response headers in time"))
@@ -382,7 +414,7 @@ class _Connection(BaseProtocol):
         now = self._loop.time()
         idle = self._limits.idle_timeout
         if self._reading_paused:  # the client is slow, not the upstream
-            self._watchdog = self._loop.call_at(now + idle, self._on_timer)
+            self._watch(now + idle)
         elif now - self._last >= idle:
             payload.set_exception(StreamBroken("upstream stream broke: idle timeout"))
             self._pump()
@@ -390,7 +422,7 @@ class _Connection(BaseProtocol):
             if self.transport is not None:
                 self.transport.abort()
         else:
-            self._watchdog = self._loop.call_at(self._last + idle, self._on_timer)
+            self._watch(self._last + idle)
 
 
 class _FastResponse:
