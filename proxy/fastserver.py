@@ -15,8 +15,8 @@ for anything else, at a request boundary, with the bytes it has read:
   a head larger than the limits and a body over ``limits.max_body_bytes`` go to aiohttp, whose
   answers (400, 413, 431, ``100-continue``, the admin endpoints) are therefore the same as before;
   the hand-over is invisible to the client.
-* The guard (Host, Origin, client token) runs before anything else, as on aiohttp's path
-  (:func:`proxy.server.refusal_response`).
+* The guard (Host, Origin, client token) runs before anything else, and a refused client gets what
+  it gets on aiohttp's path (:func:`refusal_response`).
 * The same connection rules as aiohttp's path (:class:`proxy.server.ProxyServer`): a head deadline
   from the connection's start (first request) or from the first byte (later requests), 408 when part
   of a head came; the keep-alive timeout between requests; the connection cap with eviction of
@@ -209,7 +209,6 @@ class FastConnection(asyncio.Protocol):
         "_closing",
         "_deadline",
         "_drain",
-        "_handed_over",
         "_head_out",
         "_head_started",
         "_keepalive",
@@ -238,12 +237,11 @@ class FastConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # see _arm()
         self._timer_at = 0.0
         self._deadline: float | None = None
-        self._on_deadline: Callable[[], None] = self._head_timed_out
+        self._on_deadline: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._head_started = False
         self._keepalive = False  # the timer is the keep-alive one (between requests)
         self._closing = False  # shutting down: no further request
-        self._handed_over = False
         self.admitted = False
         self._paused = False
         self._read_paused = False
@@ -429,7 +427,6 @@ class FastConnection(asyncio.Protocol):
         self._stop_timer()
         transport, self._transport = self._transport, None
         data, self._buffer = self._buffer, b""
-        self._handed_over = True
         if transport is not None:
             self._server.hand_over(self, transport, data)
 
@@ -460,6 +457,7 @@ class FastConnection(asyncio.Protocol):
 
     def _stop_timer(self) -> None:
         self._deadline = None
+        self._on_deadline = None  # a bound method of this connection: no cycle left behind
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -474,7 +472,8 @@ class FastConnection(asyncio.Protocol):
             self._timer_at = deadline
             return
         self._deadline = None
-        self._on_deadline()
+        if self._on_deadline is not None:
+            self._on_deadline()
 
     def _head_timed_out(self) -> None:
         if self._task is None and self._transport is not None:
