@@ -21,7 +21,9 @@ Slow connections cost nothing but a socket while they wait: everything is driven
 so other clients are served as usual (tests/test_slow_clients.py checks it, bench/slowloris.py measures it).
 
 :func:`guarded` wraps the application's request handler so :class:`proxy.security.Guard` runs before
-routing, for proxied and admin requests alike.
+routing, for proxied and admin requests alike. By default proxied requests do not reach aiohttp's
+server at all: :mod:`proxy.fastserver` answers them on the same connection rules, and hands the rest
+to :class:`ProxyRequestHandler`.
 
 The hooks used are aiohttp's protocol methods (``connection_made``, ``data_received``,
 ``finish_response``) and the public ``Server.request_handler`` / ``request_factory`` attributes;
@@ -208,7 +210,12 @@ Connection: TypeAlias = "ProxyRequestHandler | FastConnection"
 
 
 class ProxyServer(web.Server):
-    """aiohttp's low-level server making :class:`ProxyRequestHandler` connections, counting and evicting them.
+    """aiohttp's low-level server making connections, counting and evicting them.
+
+    A new connection is a :class:`~proxy.fastserver.FastConnection` when ``fast`` is given (the
+    default ``"server": "fast"``), which hands itself over to a :class:`ProxyRequestHandler` for what it
+    does not answer itself (:meth:`hand_over`); otherwise a :class:`ProxyRequestHandler`. Both kinds
+    are counted in the same tables and shut down together.
 
     Connections are counted from accept to close. At the cap, a new connection takes the place of the
     oldest one that is waiting for a request head: first those that never completed one (a slowloris,
