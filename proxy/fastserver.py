@@ -47,6 +47,7 @@ from aiohttp import web
 from aiohttp.http_parser import SINGLETON_HEADERS
 
 from proxy.config import ADMIN_PREFIX, Limits
+from proxy.deadline import Deadline
 from proxy.downstream import Client, Incoming, body_timeout
 from proxy.forward import error_response
 from proxy.headers import Headers
@@ -214,15 +215,12 @@ class FastConnection(asyncio.Protocol):
         "_keepalive",
         "_loop",
         "_method",
-        "_on_deadline",
         "_paused",
         "_read_paused",
         "_responded",
         "_server",
         "_settings",
         "_task",
-        "_timer",
-        "_timer_at",
         "_transport",
         "admitted",
         "on_drain",
@@ -234,10 +232,7 @@ class FastConnection(asyncio.Protocol):
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
-        self._timer: asyncio.TimerHandle | None = None  # see _arm()
-        self._timer_at = 0.0
-        self._deadline: float | None = None
-        self._on_deadline: Callable[[], None] | None = None
+        self._deadline = Deadline(loop)  # the head deadline, or the keep-alive one between requests
         self._task: asyncio.Task[None] | None = None
         self._head_started = False
         self._keepalive = False  # the timer is the keep-alive one (between requests)
@@ -270,10 +265,10 @@ class FastConnection(asyncio.Protocol):
         self.admitted = True
         self._transport = writer
         self._server.connection_made(self, writer)  # type: ignore[arg-type]  # for shutdown
-        self._arm(self._server.header_timeout, self._head_timed_out)
+        self._deadline.set_in(self._server.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
+        self._deadline.cancel()
         self._transport = None
         if not self.admitted:
             return
@@ -319,7 +314,7 @@ class FastConnection(asyncio.Protocol):
             self._head_started = True
             if self._keepalive:  # a later request: its head deadline starts with its first byte
                 self._keepalive = False
-                self._arm(self._server.header_timeout, self._head_timed_out)
+                self._deadline.set_in(self._server.header_timeout, self._head_timed_out)
         self._buffer += data
         self._next_request()
 
@@ -337,7 +332,7 @@ class FastConnection(asyncio.Protocol):
         if head is None or head.content_length > settings.limits.max_body_bytes:
             self._hand_over()
             return
-        self._disarm()
+        self._deadline.clear()
         self._head_started = False
         length = head.content_length
         rest = buffer[end + 4 :]
@@ -416,15 +411,15 @@ class FastConnection(asyncio.Protocol):
             transport.resume_reading()
         if self._buffer:  # a pipelined request
             self._head_started = True
-            self._arm(self._server.header_timeout, self._head_timed_out)
+            self._deadline.set_in(self._server.header_timeout, self._head_timed_out)
             self._next_request()
         else:
             self._keepalive = True
-            self._arm(self._settings.limits.client_keepalive_timeout, self._keepalive_timed_out)
+            self._deadline.set_in(self._settings.limits.client_keepalive_timeout, self._keepalive_timed_out)
 
     def _hand_over(self) -> None:
         """Give the connection, and the bytes read so far, to aiohttp's handler."""
-        self._stop_timer()
+        self._deadline.cancel()
         transport, self._transport = self._transport, None
         data, self._buffer = self._buffer, b""
         if transport is not None:
@@ -436,44 +431,6 @@ class FastConnection(asyncio.Protocol):
             self.abort()
 
     # -- timers --------------------------------------------------------------------------------
-
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        """Call ``callback`` in ``delay`` seconds unless disarmed or re-armed first.
-
-        One timer per connection, moved only when it fires before the current deadline or must fire
-        earlier than it is set for: arming and disarming twice per request costs no timer handle."""
-        deadline = self._loop.time() + delay
-        self._deadline = deadline
-        self._on_deadline = callback
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._timer_fired)
-            self._timer_at = deadline
-
-    def _disarm(self) -> None:
-        self._deadline = None  # a pending timer finds nothing to do
-
-    def _stop_timer(self) -> None:
-        self._deadline = None
-        self._on_deadline = None  # a bound method of this connection: no cycle left behind
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        if deadline > self._loop.time():  # re-armed since it was set: wait for the new deadline
-            self._timer = self._loop.call_at(deadline, self._timer_fired)
-            self._timer_at = deadline
-            return
-        self._deadline = None
-        if self._on_deadline is not None:
-            self._on_deadline()
 
     def _head_timed_out(self) -> None:
         if self._task is None and self._transport is not None:

@@ -57,6 +57,7 @@ from aiohttp.streams import StreamReader
 from yarl import URL
 
 from proxy.config import Limits
+from proxy.deadline import Deadline
 from proxy.errors import ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 from proxy.headers import Headers
 from proxy.upstream import Deliver
@@ -113,8 +114,6 @@ class _Connection(BaseProtocol):
         "_pump_again",
         "_pumping",
         "_waiter",
-        "_watch_fires",
-        "_watch_until",
         "_watchdog",
         "idle_since",
         "origin",
@@ -128,9 +127,7 @@ class _Connection(BaseProtocol):
         self._closed = False
         self._waiter: asyncio.Future[tuple[Any, StreamReader]] | None = None
         self._payload: StreamReader | None = None
-        self._watchdog: asyncio.TimerHandle | None = None  # see _watch()
-        self._watch_fires = 0.0
-        self._watch_until: float | None = None
+        self._watchdog = Deadline(loop)  # the header deadline, then the body's idle one
         self._got_bytes = False
         self._message_done = False
         self._last = 0.0
@@ -164,7 +161,7 @@ class _Connection(BaseProtocol):
         self._payload = None
         self._got_bytes = False
         self._message_done = False
-        self._watch(loop.time() + self._limits.header_timeout)
+        self._watchdog.set(loop.time() + self._limits.header_timeout, self._on_timer)
         assert self.transport is not None
         if body and len(body) <= 65536:
             self.transport.write(data + body)
@@ -187,14 +184,14 @@ class _Connection(BaseProtocol):
         )
 
     def release(self) -> None:
-        self._stop_watchdog()
+        self._watchdog.clear()
         self._unpipe()
         self._parser = None
         self._payload = None
         self._waiter = None
 
     def close(self) -> None:
-        self._cancel_watchdog()
+        self._watchdog.cancel()
         self._unpipe()
         self._closed = True
         if self.transport is not None:
@@ -327,7 +324,7 @@ class _Connection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
-        self._cancel_watchdog()
+        self._watchdog.cancel()
         origin_idle = self.origin.idle
         if self._parser is None and self in origin_idle:
             origin_idle.remove(self)
@@ -347,7 +344,7 @@ class _Connection(BaseProtocol):
 
     def _on_body_end(self) -> None:
         self._message_done = True
-        self._stop_watchdog()
+        self._watchdog.clear()
 
     def _fail(self, reason: str) -> None:
         waiter = self._waiter
@@ -361,44 +358,10 @@ class _Connection(BaseProtocol):
             self.transport.abort()
 
     def _start_idle_watch(self) -> None:
-        self._stop_watchdog()
+        self._watchdog.clear()
         if not self._message_done:
             self._last = now = self._loop.time()
-            self._watch(now + self._limits.idle_timeout)
-
-    def _watch(self, when: float) -> None:
-        """Have :meth:`_on_timer` run at ``when``, unless stopped first.
-
-        One timer per connection: a pending one that fires before ``when`` re-arms itself then, so a
-        request on a pooled connection (a header deadline set, then stopped) costs no timer handle."""
-        self._watch_until = when
-        timer = self._watchdog
-        if timer is None or self._watch_fires > when:
-            if timer is not None:
-                timer.cancel()
-            self._watchdog = self._loop.call_at(when, self._watch_due)
-            self._watch_fires = when
-
-    def _stop_watchdog(self) -> None:
-        self._watch_until = None  # a pending timer finds nothing to do
-
-    def _cancel_watchdog(self) -> None:
-        self._watch_until = None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-
-    def _watch_due(self) -> None:
-        self._watchdog = None
-        when = self._watch_until
-        if when is None:
-            return
-        if when > self._loop.time():
-            self._watchdog = self._loop.call_at(when, self._watch_due)
-            self._watch_fires = when
-            return
-        self._watch_until = None
-        self._on_timer()
+            self._watchdog.set(now + self._limits.idle_timeout, self._on_timer)
 
     def _on_timer(self) -> None:
         waiter = self._waiter
@@ -414,7 +377,7 @@ class _Connection(BaseProtocol):
         now = self._loop.time()
         idle = self._limits.idle_timeout
         if self._reading_paused:  # the client is slow, not the upstream
-            self._watch(now + idle)
+            self._watchdog.set(now + idle, self._on_timer)
         elif now - self._last >= idle:
             payload.set_exception(StreamBroken("upstream stream broke: idle timeout"))
             self._pump()
@@ -422,7 +385,7 @@ class _Connection(BaseProtocol):
             if self.transport is not None:
                 self.transport.abort()
         else:
-            self._watch(self._last + idle)
+            self._watchdog.set(self._last + idle, self._on_timer)
 
 
 class _FastResponse:

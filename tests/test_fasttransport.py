@@ -404,7 +404,8 @@ def test_no_response_head_in_time_is_a_header_timeout_and_closes_the_connection(
     run(scenario())
 
 
-def test_a_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any) -> None:
+@pytest.mark.parametrize("consume", ["read", "pipe"])
+def test_a_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any, consume: str) -> None:
     async def handler(conn: Conn) -> None:
         await conn.request()
         await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
@@ -414,9 +415,22 @@ def test_a_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any) -> None
         async with serving(handler) as server:
             transport = FastTransport(Limits(idle_timeout=0.2))
             response = await transport.request("GET", server.origin, "/", [], b"")
-            assert await response.read() == b"hello"
-            with pytest.raises(StreamBroken, match="idle"):
-                await response.read()
+            got: list[bytes] = []
+
+            def deliver(chunk: bytes) -> bool:
+                got.append(chunk)
+                return True
+
+            if consume == "pipe":
+                piped = response.pipe(deliver)
+                assert piped is not None
+                with pytest.raises(StreamBroken, match="idle"):
+                    await piped
+            else:
+                got.append(await response.read())
+                with pytest.raises(StreamBroken, match="idle"):
+                    await response.read()
+            assert got == [b"hello"]
             response.close()
             await server.client_closed.wait()
 
@@ -431,7 +445,8 @@ def test_a_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any) -> None
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"),
     ],
 )
-def test_a_body_cut_short_or_malformed_is_stream_broken(run: Any, head: bytes, rest: bytes) -> None:
+@pytest.mark.parametrize("consume", ["read", "pipe"])
+def test_a_body_cut_short_or_malformed_is_stream_broken(run: Any, head: bytes, rest: bytes, consume: str) -> None:
     async def scenario() -> None:
         started = asyncio.Event()
 
@@ -443,9 +458,10 @@ def test_a_body_cut_short_or_malformed_is_stream_broken(run: Any, head: bytes, r
 
         async with serving(handler) as server:
             response = await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
+            piped = response.pipe(lambda chunk: True) if consume == "pipe" else None
             started.set()
             with pytest.raises(StreamBroken):
-                await read_all(response)
+                await (read_all(response) if piped is None else piped)
             response.close()
 
     run(scenario())
@@ -476,16 +492,17 @@ def test_an_invalid_response_head_is_upstream_reset(run: Any, answer: bytes) -> 
 
 # Flow control ----------------------------------------------------------------------------------
 
+BIG_BODY = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+
+async def send_big_body(conn: Conn) -> None:
+    await conn.request()
+    await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY) + BIG_BODY)
+
 
 def test_a_slow_consumer_pauses_reading_instead_of_buffering_the_whole_body(run: Any) -> None:
-    body = bytes(range(256)) * (32 * 1024)  # 8 MiB
-
-    async def handler(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving(send_big_body) as server:
             # A paused read is the client's slowness, not the upstream's: it never counts as idle.
             transport = FastTransport(Limits(idle_timeout=0.2))
             response = await transport.request("GET", server.origin, "/", [], b"")
@@ -500,7 +517,7 @@ def test_a_slow_consumer_pauses_reading_instead_of_buffering_the_whole_body(run:
             # The watchdog firing just after the resume, before any new byte: not an idle upstream.
             response._connection._on_timer()
             received += await read_all(response)
-            assert hashlib.sha256(received).digest() == hashlib.sha256(body).digest()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(BIG_BODY).digest()
             response.close()
 
     run(scenario())
@@ -547,71 +564,9 @@ def test_the_pipe_delivers_every_chunk_in_order_and_the_connection_is_reused(run
     run(scenario())
 
 
-@pytest.mark.parametrize(
-    ("head", "rest"),
-    [
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"only this"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\na\r\ncut"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"),
-    ],
-)
-def test_a_piped_body_cut_short_or_malformed_is_stream_broken(run: Any, head: bytes, rest: bytes) -> None:
-    async def scenario() -> None:
-        started = asyncio.Event()
-
-        async def handler(conn: Conn) -> None:
-            await conn.request()
-            await conn.send(head)
-            await started.wait()
-            await conn.send(rest)
-
-        async with serving(handler) as server:
-            response = await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
-            piped = response.pipe(lambda chunk: True)
-            assert piped is not None
-            started.set()
-            with pytest.raises(StreamBroken):
-                await piped
-            response.close()
-
-    run(scenario())
-
-
-def test_a_piped_body_silent_for_longer_than_the_idle_timeout_breaks(run: Any) -> None:
-    async def handler(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await conn.wait_closed_by_client()
-
-    async def scenario() -> None:
-        async with serving(handler) as server:
-            response = await FastTransport(Limits(idle_timeout=0.2)).request("GET", server.origin, "/", [], b"")
-            got: list[bytes] = []
-
-            def deliver(chunk: bytes) -> bool:
-                got.append(chunk)
-                return True
-
-            piped = response.pipe(deliver)
-            assert piped is not None
-            with pytest.raises(StreamBroken, match="idle"):
-                await piped
-            assert got == [b"hello"]
-            response.close()
-            await server.client_closed.wait()
-
-    run(scenario())
-
-
 def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
-    body = bytes(range(256)) * (32 * 1024)  # 8 MiB
-
-    async def handler(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving(send_big_body) as server:
             # Time paused for the client is not upstream idleness: the watchdog must not fire.
             response = await FastTransport(Limits(idle_timeout=0.2)).request("GET", server.origin, "/", [], b"")
             got: list[bytes] = []
@@ -634,7 +589,7 @@ def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
                 response.resume()
                 await asyncio.sleep(0)
             await piped
-            assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(body).digest()
+            assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(BIG_BODY).digest()
             response.close()
 
     run(scenario())
