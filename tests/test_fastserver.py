@@ -153,6 +153,22 @@ async def test_one_connection_carries_proxied_and_admin_requests(proxy: ProxyFac
     assert [r.body for r in fake.records] == [b'{"n": 1}', b'{"n": 2}']
 
 
+async def test_a_pipelined_admin_request_is_handed_over_after_the_proxied_one(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """The admin request waits in the fast server's buffer while the first is answered, then goes to
+    aiohttp with those bytes; both answers come back in order on the one connection."""
+    p = await proxy(keys(*KEYS))
+    fake.on(echo_n())
+    reader, writer = await open_raw(p)
+    writer.write(post(b'{"n": 1}') + b"GET /_credproxy/health HTTP/1.1\r\n" + HOST + b"\r\n" + post(b'{"n": 2}'))
+    answers = [await read_answer(reader) for _ in range(3)]
+    writer.close()
+    bodies = [orjson.loads(a.partition(b"\r\n\r\n")[2]) for a in answers]
+    assert bodies == [{"n": 1}, {"status": "ok"}, {"n": 2}]
+    assert [r.body for r in fake.records] == [b'{"n": 1}', b'{"n": 2}']
+
+
 async def test_connection_close_is_honoured(proxy: ProxyFactory, fake: FakeUpstream) -> None:
     p = await proxy(keys(*KEYS))
     reader, writer = await open_raw(p)
