@@ -20,8 +20,8 @@ That still leaves CPython's own allocator (pymalloc) holding about a fifth of a 
 its arena. ``credproxy serve`` therefore runs with the C library's allocator
 (``PYTHONMALLOC=malloc``, which ``malloc_trim`` can then empty) unless the environment already names
 one: :func:`serve_environment` decides, the command re-executes itself (same PID, same arguments)
-with it. The bench measured no CPU cost for it, and an after-burst footprint back within 10% of
-idle instead of about 25% above it.
+with it. Interleaved wrk runs showed no CPU cost for it, and the bench an after-burst footprint
+back within 10% of idle instead of about 25% above it.
 """
 
 from __future__ import annotations
