@@ -183,7 +183,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.axhline(20, color="tab:red", linestyle="--", label="target 20 KB")
     ax.set_ylabel("KB of RSS per open stream")
     ax.set_title(f"memory per open SSE stream ({memory[mem_names[0]]['streams'] if mem_names else 0} streams)")
-    ax.tick_params(axis="x", labelrotation=15)
+    ax.tick_params(axis="x", labelrotation=25)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     ax.legend(fontsize=8)
     fig.suptitle(f"credproxy benchmark ({doc['mode']}, {doc['when']})")
     fig.tight_layout()
