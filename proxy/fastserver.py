@@ -38,7 +38,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, NamedTuple, cast
@@ -50,7 +50,7 @@ from proxy.config import ADMIN_PREFIX, Limits
 from proxy.deadline import Deadline
 from proxy.downstream import Client, Incoming, body_timeout
 from proxy.forward import error_response
-from proxy.headers import Headers
+from proxy.headers import Headers, connection_tokens
 from proxy.security import TOKEN_HEADER, Guard, Refusal
 
 if TYPE_CHECKING:
@@ -161,8 +161,7 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
     length = first.get("content-length", "0")
     if not length.isdigit() or len(length) > 18:
         return None
-    connection = first.get("connection", "")
-    close = "close" in connection.lower() and "close" in [t.strip(" \t").lower() for t in connection.split(",")]
+    close = "connection" in first and "close" in connection_tokens(items)
     return Head(match.group(1).decode("ascii"), target.decode("ascii"), items, first, int(length), close)
 
 
@@ -183,18 +182,31 @@ class HttpDate:
         return self._value
 
 
-def serialize(response: web.Response, date: str, close: bool, head_only: bool = False) -> bytes:
-    """A whole proxy-made response (a JSON error) as bytes on the wire; ``head_only`` for a HEAD request."""
-    body = cast(bytes, response.body or b"")
-    lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
-    for name, value in response.headers.items():
-        if name.lower() not in ("content-length", "connection", "date"):
-            lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Content-Length: {len(body)}\r\nDate: {date}\r\n")
+#: Response headers the fast server writes itself.
+_OWN_HEADERS = frozenset({"date", "connection"})
+
+
+def response_head(
+    status: int, reason: str, headers: Iterable[tuple[str, str]], date: str, close: bool, extra: str
+) -> bytes:
+    """A response head: ``headers`` (less ``Date`` and ``Connection``), ``Date``, ``extra`` (framing
+    lines) and ``Connection: close`` when the connection ends after it. Values go out in UTF-8 with
+    surrogates escaped, as aiohttp decoded them (and as aiohttp writes them)."""
+    lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _OWN_HEADERS]
+    lines.append(f"Date: {date}\r\n{extra}")
     if close:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + (b"" if head_only else body)
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def serialize(response: web.Response, date: str, close: bool, head_only: bool = False) -> bytes:
+    """A whole proxy-made response (a JSON error) as bytes on the wire; ``head_only`` for a HEAD request."""
+    body = cast(bytes, response.body or b"")
+    headers = ((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
+    head = response_head(response.status, response.reason, headers, date, close, f"Content-Length: {len(body)}\r\n")
+    return head if head_only else head + body
 
 
 class FastConnection(asyncio.Protocol):
@@ -385,11 +397,8 @@ class FastConnection(asyncio.Protocol):
             log.exception("request %s %s failed inside credproxy", incoming.method, incoming.path)
             if self._responded == 0 and self._transport is not None:
                 self._close_after = True
-                response = web.json_response(
-                    {"error": {"message": "internal error", "type": "proxy_error", "param": None, "code": "internal"}},
-                    status=500,
-                )
-                self._write(serialize(response, self._server.date(), True))
+                response = error_response(500, "internal error", "internal")
+                self._write(serialize(response, self._server.date(), True, self._method == "HEAD"))
                 self._responded = 2
             else:
                 self._cut()
@@ -499,22 +508,9 @@ class FastConnection(asyncio.Protocol):
         return response.status
 
     async def begin(self, status: int, reason: str, headers: Headers, has_body: bool) -> None:
-        chunked = has_body
-        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "content-length":
-                chunked = False
-            elif lower == "date":
-                continue
-            lines.append(f"{name}: {value}\r\n")
-        lines.append(f"Date: {self._server.date()}\r\n")
-        if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        if self._close_after:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        self._head_out = "".join(lines).encode("utf-8", "surrogateescape")  # as aiohttp decoded them
+        chunked = has_body and not any(name.lower() == "content-length" for name, _ in headers)
+        framing = "Transfer-Encoding: chunked\r\n" if chunked else ""
+        self._head_out = response_head(status, reason, headers, self._server.date(), self._close_after, framing)
         self._chunked = chunked
         self._responded = 1
 
