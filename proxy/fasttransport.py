@@ -74,6 +74,14 @@ class _PayloadError(Exception):
     """What the parser sets on a body it could not parse (mapped to StreamBroken on read)."""
 
 
+#: What reading a payload raises besides StreamBroken: a malformed body, a read while another waits.
+_READ_ERRORS = (_PayloadError, RuntimeError, OSError)
+
+
+def _broken(exc: BaseException) -> StreamBroken:
+    return StreamBroken(f"upstream stream broke: {type(exc).__name__}")
+
+
 class _Dropped(Exception):
     """The connection ended before a complete response head; ``got_bytes``: some of one had arrived."""
 
@@ -236,13 +244,13 @@ class _Connection(BaseProtocol):
                 except StreamBroken as exc:
                     self._end_pipe(exc)
                     return
-                except (_PayloadError, RuntimeError, OSError) as exc:
-                    self._end_pipe(StreamBroken(f"upstream stream broke: {type(exc).__name__}"))
+                except _READ_ERRORS as exc:
+                    self._end_pipe(_broken(exc))
                     return
                 if data:
                     try:
                         more = self._deliver(data)
-                    except BaseException as exc:  # the client went away, or a bug: the relay raises it
+                    except Exception as exc:  # the client went away, or a bug: the relay raises it
                         self._end_pipe(exc)
                         return
                     if not more:
@@ -404,8 +412,8 @@ class _FastResponse:
             return await self._payload.readany()
         except StreamBroken:
             raise
-        except (_PayloadError, RuntimeError, OSError) as exc:
-            raise StreamBroken(f"upstream stream broke: {type(exc).__name__}") from None
+        except _READ_ERRORS as exc:
+            raise _broken(exc) from None
 
     def pipe(self, deliver: Deliver) -> asyncio.Future[None] | None:
         return None if self._connection is None else self._connection.pipe(deliver)
