@@ -308,8 +308,7 @@ class Forwarder:
         cred: Credential,
         record: RequestRecord,
     ) -> None:
-        headers = hdrs.to_client(upstream.headers)
-        headers = [(k, v) for k, v in headers if k.lower() not in _OURS]
+        headers = hdrs.to_client(upstream.headers, _OURS)
         is_sse = False
         for name, value in headers:
             if name.lower() == "content-type":
@@ -368,9 +367,7 @@ class Forwarder:
             return put
 
         def scan_and_put(chunk: bytes) -> bool:
-            events = scanner.feed(chunk)
-            if events:
-                self._stream_events(cred, events)
+            self._scan(scanner, cred, chunk)
             return put(chunk)
 
         return scan_and_put

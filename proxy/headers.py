@@ -64,9 +64,9 @@ def to_upstream(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = f
     return _keep(items, CLIENT_ONLY | extra_drop if extra_drop else CLIENT_ONLY, _DROPPED_PREFIXES)
 
 
-def to_client(items: Iterable[tuple[str, str]]) -> Headers:
+def to_client(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = frozenset()) -> Headers:
     """The upstream's response headers as they may be returned to the client."""
-    return _keep(items, UPSTREAM_ONLY, _CORS_PREFIX)
+    return _keep(items, UPSTREAM_ONLY | extra_drop if extra_drop else UPSTREAM_ONLY, _CORS_PREFIX)
 
 
 def _keep(items: Iterable[tuple[str, str]], drop: frozenset[str], prefixes: str | tuple[str, ...]) -> Headers:

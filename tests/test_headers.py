@@ -250,3 +250,8 @@ def test_connection_tokens(items: Headers, expected: frozenset[str]) -> None:
 )
 def test_has_control_characters(items: Headers, expected: bool) -> None:
     assert has_control_characters(items) is expected
+
+
+def test_to_client_drops_the_names_it_is_given_too() -> None:
+    items = [("Content-Type", "text/event-stream"), ("X-Credproxy-Credential", "spoof"), ("Connection", "close")]
+    assert to_client(items, frozenset({"x-credproxy-credential"})) == [("Content-Type", "text/event-stream")]
