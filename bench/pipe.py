@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import cast
 
+from bench.upstream_server import serve_protocol
 from proxy.eventloop import run
 
 
@@ -85,14 +85,7 @@ class _Client(_Half):
 
 
 async def serve(port: int, json_port: int, sse_port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(json_port, sse_port), "127.0.0.1", port, backlog=4096)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"pipe listening on 127.0.0.1:{port}", flush=True)
-    async with server:
-        await stop.wait()
+    await serve_protocol(lambda: _Client(json_port, sse_port), "127.0.0.1", port, "pipe")
 
 
 def main() -> None:

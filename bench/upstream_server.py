@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 from typing import cast
 
 from bench.payloads import JSON_BODY, sse_event
@@ -136,11 +137,17 @@ class UpstreamProtocol(asyncio.Protocol):
 
 async def serve(host: str, port: int, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: UpstreamProtocol(settings, loop), host, port, backlog=4096)
+    await serve_protocol(lambda: UpstreamProtocol(settings, loop), host, port, "upstream")
+
+
+async def serve_protocol(factory: Callable[[], asyncio.Protocol], host: str, port: int, name: str) -> None:
+    """Serve ``factory``'s protocol on ``host:port`` until SIGINT or SIGTERM; says where it listens."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host, port, backlog=4096)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"upstream listening on {host}:{server.sockets[0].getsockname()[1]}", flush=True)
+    print(f"{name} listening on {host}:{server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await stop.wait()
 
