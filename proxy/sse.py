@@ -6,7 +6,13 @@ The proxy never rewrites a stream. It needs two things from it:
   first event is ``response.failed`` with a limit code is really a 429 (:func:`split_first_event`);
 * later events that matter for the credential's state (``codex.rate_limits`` usage snapshots, a
   late ``response.failed``): :class:`EventScanner` looks for marker bytes in each chunk with a C-speed
-  substring search and parses only the rare events that contain one.
+  substring search and parses only the rare events that contain one. A chunk that is exactly one
+  text or argument delta (most of a stream: :data:`QUIET_EVENTS`) is not searched at all.
+
+The searches use ``bytes.find``, never ``marker in chunk``: for bytes, ``in`` first tries the
+marker as an integer (``65 in b"A"``), and CPython builds and discards a ``TypeError`` message
+for every call: about 1,500 instructions, two thirds of what the search of a 200-byte event costs
+(callgrind, CPython 3.11).
 
 Events are separated by a blank line (``\\n\\n`` or ``\\r\\n\\r\\n``).
 """
@@ -19,6 +25,21 @@ import orjson
 #: ``"type":"error"`` is a Responses error event; ``{"error"`` a Chat Completions stream error. A bare
 #: ``"error"`` would match every ``response.completed`` (``"error": null``) and parse megabytes for nothing.
 DEFAULT_MARKERS = (b"codex.rate_limits", b"response.failed", b'"type":"error"', b'{"error"')
+
+#: The start of a chunk that is one event of a type that never carries a limit or usage signal: the
+#: deltas that make up most of a stream, named on the ``event:`` line and, as the first key of the
+#: data, by ``type``. Such a chunk, when it is one whole event (three line feeds: after the event
+#: line, after the data line, and the blank line that ends the event), is not searched.
+QUIET_EVENTS = tuple(
+    b'event: %s\ndata: {"type":"%s",' % (name, name)
+    for name in (
+        b"response.output_text.delta",
+        b"response.reasoning_summary_text.delta",
+        b"response.reasoning_text.delta",
+        b"response.function_call_arguments.delta",
+        b"response.custom_tool_call_input.delta",
+    )
+)
 
 _MAX_PENDING = 4 * 1024 * 1024
 
@@ -80,6 +101,8 @@ class EventScanner:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` that contains a marker."""
         pending = self._pending
+        if not pending and chunk.startswith(QUIET_EVENTS) and chunk.endswith(b"\n\n") and chunk.count(b"\n") == 3:
+            return []  # one whole delta event: its event line, its data line, the blank line
         if pending:
             # The pending bytes hold no separator: only the new bytes (and the three before them, for
             # a separator cut in two) can end an event. Searching the whole pending event again for
@@ -109,7 +132,7 @@ class EventScanner:
             del pending[:end]
         if len(pending) > _MAX_PENDING:
             pending.clear()
-        if not any(marker in complete for marker in self._markers):
+        if not self._marked(complete):
             return []
         found = []
         start = 0
@@ -118,9 +141,15 @@ class EventScanner:
             if pos == -1:
                 break
             event = complete[start:pos]
-            if any(marker in event for marker in self._markers):
+            if self._marked(event):
                 payload = event_data(event)
                 if payload:
                     found.append(payload)
             start = pos + size
         return found
+
+    def _marked(self, data: bytes) -> bool:
+        for marker in self._markers:  # noqa: SIM110 (a loop: any() with a generator costs more here)
+            if data.find(marker) != -1:  # not ``in``: see the module docstring
+                return True
+        return False

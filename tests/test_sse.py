@@ -206,6 +206,65 @@ def test_without_a_marker_in_the_chunk_nothing_is_parsed(monkeypatch: pytest.Mon
     assert feed_all([quiet[i : i + 4096] for i in range(0, len(quiet), 4096)]) == []
 
 
+DELTA_WITH_MARKERS = b'{"type":"response.output_text.delta","delta":"response.failed {\\"error\\" codex.rate_limits"}'
+
+
+@pytest.mark.parametrize("name", [b"response.output_text.delta", b"response.function_call_arguments.delta"])
+def test_a_chunk_that_is_one_delta_event_is_not_searched(monkeypatch: pytest.MonkeyPatch, name: bytes) -> None:
+    """Most of a stream is one delta per chunk: it is passed on without a marker search, even when
+    the generated text quotes a marker (a delta is never a limit or usage event)."""
+
+    def must_not_run(self: EventScanner, data: bytes) -> bool:
+        raise AssertionError("searched a chunk that is one delta event")
+
+    monkeypatch.setattr(EventScanner, "_marked", must_not_run)
+    data = DELTA_WITH_MARKERS.replace(b"response.output_text.delta", name)
+    assert EventScanner().feed(b"event: " + name + b"\ndata: " + data + b"\n\n") == []
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        # A delta, then a marked event in the same chunk: both searched (the delta quotes markers).
+        (
+            stream([("response.output_text.delta", DELTA_WITH_MARKERS), ("response.failed", FAILED)]),
+            [DELTA_WITH_MARKERS, FAILED],
+        ),
+        # The event line says delta, the data says otherwise: the data decides.
+        (stream([("response.output_text.delta", FAILED)]), [FAILED]),
+        # The same delta with CRLF lines, or with its data on two lines: searched (and, being a delta
+        # that quotes markers, found; the caller parses it and finds no error in it).
+        (stream([("response.output_text.delta", DELTA_WITH_MARKERS)], b"\r\n"), [DELTA_WITH_MARKERS]),
+        (
+            b"event: response.output_text.delta\ndata: "
+            + DELTA_WITH_MARKERS[:40]
+            + b"\ndata: "
+            + DELTA_WITH_MARKERS[40:]
+            + b"\n\n",
+            [DELTA_WITH_MARKERS[:40] + b"\n" + DELTA_WITH_MARKERS[40:]],
+        ),
+    ],
+)
+def test_anything_but_one_whole_delta_event_is_searched(chunk: bytes, expected: list[bytes]) -> None:
+    assert EventScanner().feed(chunk) == expected
+
+
+def test_a_delta_event_cut_in_two_is_searched_once_whole() -> None:
+    scanner = EventScanner()
+    delta = stream([("response.output_text.delta", DELTA_WITH_MARKERS)])
+    assert scanner.feed(delta[:-1]) == []
+    assert scanner.feed(delta[-1:]) == [DELTA_WITH_MARKERS]
+
+
+def test_a_delta_chunk_that_completes_a_pending_event_is_searched_with_it() -> None:
+    scanner = EventScanner()
+    assert scanner.feed(b'data: {"type":"error"') == []
+    delta = stream([("response.output_text.delta", b'{"type":"response.output_text.delta","delta":"x"}')])
+    found = scanner.feed(delta)
+    assert len(found) == 1
+    assert found[0].startswith(b'{"type":"error"event: response.output_text.delta\n')
+
+
 def test_custom_markers() -> None:
     scanner = EventScanner((b"needle",))
     assert scanner.feed(b"data: hay\n\ndata: a needle\n\ndata: " + FAILED + b"\n\n") == [b"a needle"]
