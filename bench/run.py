@@ -40,6 +40,8 @@ from bench.procs import Processes, Running, free_port, raise_fd_limit
 from proxy.eventloop import run
 
 LEVELS = (1, 16, 128, 512)
+#: 256-stream runs per configuration per round (each takes well under a second).
+MANY_REPEATS = 3
 KEYS = [f"sk-bench-{i:02d}-{'x' * 24}" for i in range(8)]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -245,18 +247,25 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 async def sse_phase(targets: list[Target], rounds: int) -> dict[str, Any]:
-    """TTFB and total time of a stream alone (sequentially, 10 per round) and of 256 at once."""
+    """TTFB and total time of a stream alone (sequentially, 10 per round) and of 256 at once
+    (``MANY_REPEATS`` per round). Interleaved like the load runs: each round visits every
+    configuration, in an order rotated per round, so that drift of the machine falls on all alike."""
+    single: dict[str, list[sse_client.StreamResult]] = {t.name: [] for t in targets}
+    many: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        shift = r % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            port = sse_port_of(target)
+            for _ in range(10):
+                single[target.name].extend(await sse_client.measure("127.0.0.1", port, target.sse_path, 1))
+            for _ in range(MANY_REPEATS):
+                await asyncio.sleep(0.2)  # the last run's connections close on both sides
+                many[target.name].append(
+                    sse_client.summarise(await sse_client.measure("127.0.0.1", port, target.sse_path, 256))
+                )
     out: dict[str, Any] = {}
     for target in targets:
-        port = sse_port_of(target)
-        single: list[sse_client.StreamResult] = []
-        many: list[dict[str, float]] = []
-        for _ in range(rounds):
-            for _ in range(10):
-                single.extend(await sse_client.measure("127.0.0.1", port, target.sse_path, 1))
-            many.append(sse_client.summarise(await sse_client.measure("127.0.0.1", port, target.sse_path, 256)))
-            await asyncio.sleep(0.2)
-        out[target.name] = {"1": sse_client.summarise(single), "256": _median_dicts(many)}
+        out[target.name] = {"1": sse_client.summarise(single[target.name]), "256": _median_dicts(many[target.name])}
         print(f"  sse {target.name:<18} 1: {out[target.name]['1']}  256: {out[target.name]['256']}", flush=True)
     return out
 
