@@ -71,8 +71,9 @@ class Client(Protocol):
     async def write(self, chunk: bytes) -> None:
         """Body bytes; waits while the client reads slowly. ``ConnectionError`` if it went away."""
 
-    async def end(self) -> None:
-        """The body is complete."""
+    async def end(self, tail: bytes = b"") -> None:
+        """The body is complete, after ``tail`` (its last bytes). ``ConnectionError`` if the client
+        went away before ``tail`` could be sent."""
 
     def abort(self) -> None:
         """Cut the connection: a broken upstream stream must not look complete."""
@@ -136,9 +137,9 @@ class AiohttpClient:
         assert self.response is not None
         await self.response.write(chunk)
 
-    async def end(self) -> None:
+    async def end(self, tail: bytes = b"") -> None:
         assert self.response is not None
-        await self.response.write_eof()
+        await self.response.write_eof(tail)
 
     def abort(self) -> None:
         transport = self.request.transport

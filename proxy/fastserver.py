@@ -535,8 +535,14 @@ class FastConnection(asyncio.Protocol):
     def outlet(self) -> FastConnection:
         return self
 
-    async def end(self) -> None:
-        self._write(self._head_out + b"0\r\n\r\n" if self._chunked else self._head_out)
+    async def end(self, tail: bytes = b"") -> None:
+        if tail and self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if self._chunked:
+            last = b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail) if tail else b"0\r\n\r\n"
+            self._write(self._head_out + last)
+        else:
+            self._write(self._head_out + tail)
         self._head_out = b""
         self._responded = 2
 

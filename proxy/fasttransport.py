@@ -143,7 +143,7 @@ class _Connection(BaseProtocol):
         self.reused = False
         # The pipe (see pipe()): where body chunks go, the future that ends with the body, flow state.
         self._deliver: Deliver | None = None
-        self._piped: asyncio.Future[None] | None = None
+        self._piped: asyncio.Future[bytes] | None = None
         self._client_full = False
         self._pumping = False
         self._pump_again = False
@@ -207,8 +207,9 @@ class _Connection(BaseProtocol):
 
     # -- the pipe: body chunks delivered from the callbacks ------------------------------------
 
-    def pipe(self, deliver: Deliver) -> asyncio.Future[None]:
-        """Deliver the rest of the body (what is buffered now, then each read) to ``deliver``."""
+    def pipe(self, deliver: Deliver) -> asyncio.Future[bytes]:
+        """Deliver the rest of the body (what is buffered now, then each read) to ``deliver``, except
+        the bytes that come with its end: the future's result (see UpstreamResponse.pipe)."""
         self._deliver = deliver
         self._piped = piped = self._loop.create_future()
         self._client_full = False
@@ -247,6 +248,9 @@ class _Connection(BaseProtocol):
                 except _READ_ERRORS as exc:
                     self._end_pipe(_broken(exc))
                     return
+                if payload.at_eof():
+                    self._end_pipe(None, data)  # the last bytes go with the client's end, in one write
+                    return
                 if data:
                     try:
                         more = self._deliver(data)
@@ -257,21 +261,18 @@ class _Connection(BaseProtocol):
                         self._client_full = True
                         self.pause_reading()  # until resume(); the watchdog does not count this time
                         return
-                if payload.at_eof():
-                    self._end_pipe(None)
-                    return
                 if not self._pump_again:
                     return
         finally:
             self._pumping = False
 
-    def _end_pipe(self, exc: BaseException | None) -> None:
+    def _end_pipe(self, exc: BaseException | None, tail: bytes = b"") -> None:
         piped = self._piped
         self._deliver = None
         self._piped = None
         if piped is not None and not piped.done():
             if exc is None:
-                piped.set_result(None)
+                piped.set_result(tail)
             else:
                 piped.set_exception(exc)
 
@@ -415,7 +416,7 @@ class _FastResponse:
         except _READ_ERRORS as exc:
             raise _broken(exc) from None
 
-    def pipe(self, deliver: Deliver) -> asyncio.Future[None] | None:
+    def pipe(self, deliver: Deliver) -> asyncio.Future[bytes] | None:
         return None if self._connection is None else self._connection.pipe(deliver)
 
     def resume(self) -> None:

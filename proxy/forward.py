@@ -327,6 +327,7 @@ class Forwarder:
         scanner = EventScanner() if is_sse else None
         outlet = client.outlet()
         try:
+            tail = b""  # the body's last bytes, when the pipe gives them back to go with the end
             if prefix:
                 self._scan(scanner, cred, prefix)
                 await client.write(prefix)
@@ -342,18 +343,18 @@ class Forwarder:
                 assert outlet is not None
                 outlet.on_drain = upstream.resume
                 try:
-                    await piped
+                    tail = await piped
                 finally:
                     outlet.on_drain = None
+                if tail:
+                    self._scan(scanner, cred, tail)
+            await client.end(tail)
         except StreamBroken as exc:
             record.outcome, record.error = "stream_broken", str(exc)
             log.warning("request %s: %s; aborting the client connection", record.request_id, exc)
             client.abort()
-            return
         except ConnectionError:
             record.outcome = "client_closed"
-            return
-        await client.end()
 
     def _scan(self, scanner: EventScanner | None, cred: Credential, chunk: bytes) -> None:
         if scanner is not None:

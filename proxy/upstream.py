@@ -46,11 +46,13 @@ class UpstreamResponse(Protocol):
         """Give the response back: reuse the connection when the body was read to the end, else drop it."""
         ...
 
-    def pipe(self, deliver: Deliver) -> asyncio.Future[None] | None:
+    def pipe(self, deliver: Deliver) -> asyncio.Future[bytes] | None:
         """Hand the rest of the body to ``deliver`` as it arrives, from the connection's callbacks (no
-        task switch per chunk); the future ends with the body, or raises StreamBroken. ``None``: this
-        transport cannot, use :meth:`read`. When ``deliver`` returns False the connection stops reading
-        until :meth:`resume` is called."""
+        task switch per chunk); the future ends with the body, or raises StreamBroken. Its result is
+        the body's last bytes, those read together with its end, not delivered: the caller sends them
+        with its own end, in one write (the whole body, when it was all buffered already). ``None``:
+        this transport cannot, use :meth:`read`. When ``deliver`` returns False the connection stops
+        reading until :meth:`resume` is called."""
         ...
 
     def resume(self) -> None:

@@ -6,7 +6,7 @@ fixture's ``fast`` and ``aiohttp`` parameters); tests of the hand-over to aiohtt
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.config import Limits
 from proxy.fake_upstream import FakeUpstream, Recorded, json_body
-from proxy.fastserver import parse_head
+from proxy.fastserver import FastConnection, parse_head
 from proxy.forward import Forwarder
 from tests.conftest import ProxyFactory, RunningProxy, keys
 from tests.raw_http import address, closed_within, read_answer, status_of
@@ -253,3 +253,66 @@ async def test_an_error_inside_credproxy_gets_a_500(
         text = await response.text()
     assert "a bug" not in text
     assert fake.records == []
+
+
+class RecordingTransport:
+    """A client transport that records what the fast server writes to it (and passes everything on)."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_the_last_event_and_the_end_of_the_stream_go_in_one_write(
+    proxy: ProxyFactory, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that sends its last event with the end of its body: the client gets the event and
+    the chunked terminator in one write, as the upstream sent them (a write per event before it)."""
+    writes: list[bytes] = []
+    made = FastConnection.connection_made
+
+    def recording(self: FastConnection, transport: asyncio.BaseTransport) -> None:
+        made(self, RecordingTransport(cast(asyncio.Transport, transport), writes))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FastConnection, "connection_made", recording)
+    events = [b'event: e\ndata: {"n": %d}\n\n' % n for n in range(3)]
+    gates = [asyncio.Event() for _ in events[1:]]
+
+    async def stream(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(events[0])
+        await gates[0].wait()  # each event leaves once the client has the one before it
+        await response.write(events[1])
+        await gates[1].wait()
+        await response.write_eof(events[2])  # the last chunk and the terminator in one write
+        return response
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    p = await proxy(keys(*KEYS), transport="fast", server="fast")
+    fake.on(stream)
+    reader, writer = await open_raw(p)
+    writer.write(post(b'{"stream": true}', b"Connection: close\r\n"))
+    answer = b""
+    async with asyncio.timeout(10):
+        for event, gate in zip(events, gates, strict=False):
+            while event not in answer:
+                answer += await reader.read(65536)
+            gate.set()
+        answer += await reader.read()
+    writer.close()
+    assert status_of(answer) == 200
+    assert answer.endswith(chunk(events[1]) + chunk(events[2]) + b"0\r\n\r\n")
+    assert len(writes) == 3
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert writes[0].endswith(b"\r\n\r\n" + chunk(events[0]))  # the head with the first event
+    assert writes[1:] == [chunk(events[1]), chunk(events[2]) + b"0\r\n\r\n"]

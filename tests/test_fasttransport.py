@@ -555,9 +555,55 @@ def test_the_pipe_delivers_every_chunk_in_order_and_the_connection_is_reused(run
             piped = response.pipe(deliver)
             assert piped is not None
             gates[0].set()
-            await piped
+            tail = await piped
             response.close()
-            assert got == chunks
+            # The last chunk comes back as the tail when the terminator came in the same read.
+            assert got + ([tail] if tail else []) == chunks
+            assert await get(transport, server) == (200, b"ok")
+            assert server.connections == 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "expected"),
+    [
+        # The last chunk and the terminator in one write: the chunk is the tail, not delivered.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nlast!\r\n0\r\n\r\n", b"last!"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"whole", b"whole"),
+    ],
+)
+def test_the_bytes_read_with_the_end_of_the_body_are_the_pipes_result(
+    run: Any, head: bytes, body: bytes, expected: bytes
+) -> None:
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def handler(conn: Conn) -> None:
+            await conn.request()
+            await conn.send(head + b"3\r\none\r\n" if b"chunked" in head else head)
+            await started.wait()
+            await conn.send(body)
+            await answer_all(conn)
+
+        async with serving(handler) as server:
+            transport = FastTransport(LIMITS)
+            response = await transport.request("GET", server.origin, "/", [], b"")
+            got: list[bytes] = []
+
+            def deliver(chunk: bytes) -> bool:
+                got.append(chunk)
+                started.set()
+                return True
+
+            piped = response.pipe(deliver)
+            assert piped is not None
+            if b"chunked" not in head:
+                started.set()
+            assert await piped == expected
+            assert got == ([b"one"] if b"chunked" in head else [])
+            response.close()
             assert await get(transport, server) == (200, b"ok")
             assert server.connections == 1
 
@@ -588,8 +634,8 @@ def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
             while not piped.done():
                 response.resume()
                 await asyncio.sleep(0)
-            await piped
-            assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(BIG_BODY).digest()
+            tail = await piped
+            assert hashlib.sha256(b"".join(got) + tail).digest() == hashlib.sha256(BIG_BODY).digest()
             response.close()
 
     run(scenario())
