@@ -15,6 +15,7 @@ passes unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 
 HOP_BY_HOP = frozenset(
     {
@@ -61,12 +62,18 @@ def _tokens(values: Iterable[str]) -> frozenset[str]:
 
 def to_upstream(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = frozenset()) -> Headers:
     """The client's headers as they may be forwarded (without credentials: add them separately)."""
-    return _keep(items, CLIENT_ONLY | extra_drop if extra_drop else CLIENT_ONLY, _DROPPED_PREFIXES)
+    return _keep(items, _union(CLIENT_ONLY, extra_drop), _DROPPED_PREFIXES)
 
 
 def to_client(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = frozenset()) -> Headers:
     """The upstream's response headers as they may be returned to the client."""
-    return _keep(items, UPSTREAM_ONLY | extra_drop if extra_drop else UPSTREAM_ONLY, _CORS_PREFIX)
+    return _keep(items, _union(UPSTREAM_ONLY, extra_drop), _CORS_PREFIX)
+
+
+@cache
+def _union(names: frozenset[str], extra: frozenset[str]) -> frozenset[str]:
+    """``names | extra``, made once per pair (callers pass constants, once per request)."""
+    return names | extra
 
 
 def _keep(items: Iterable[tuple[str, str]], drop: frozenset[str], prefixes: str | tuple[str, ...]) -> Headers:
