@@ -85,11 +85,24 @@ MAX_FAST_HEAD = 16 * 1024
 #: Bytes of pipelined requests buffered while one is in progress, before reading stops.
 PIPELINE_LIMIT = 64 * 1024
 
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.1")
+#: A request line the fast server answers: an upper-case method, an origin-form target of printable
+#: ASCII without ``%`` (0x25) or ``#`` (0x23), HTTP/1.1.
+_REQUEST_LINE = re.compile(rb'([A-Z]{1,20}) (/[!"$&-~]*) HTTP/1\.1')
 # Header lines: a token, a colon, then printable ASCII, space or tab. Anything else (obs-fold, bytes
 # above 0x7f, control characters, a space before the colon) is for aiohttp to judge.
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _FIELD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
+
+
+def _mask(allowed: bytes) -> bytes:
+    """A translation table that keeps the ``allowed`` bytes and turns every other one into NUL, so that
+    ``data.translate(mask).find(0)`` finds a byte outside the set (``translate`` with a table only is
+    one pass; with bytes to delete it builds a table at every call)."""
+    return bytes(byte if byte in allowed else 0 for byte in range(256))
+
+
+_TOKEN_MASK = _mask(_TOKEN_BYTES)
+_FIELD_MASK = _mask(_FIELD_BYTES)  # NUL itself is not allowed: it stays NUL
 _HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
 _ADMIN = ADMIN_PREFIX.encode()
 _TOKEN = TOKEN_HEADER.lower()
@@ -127,10 +140,10 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
     if match is None:
         return None
     target = match.group(2)
-    if b"%" in target or b"#" in target or target.startswith(_ADMIN):
+    if target.startswith(_ADMIN):
         return None
     block = head[line_end + 2 :]
-    if block.translate(None, _FIELD_BYTES):  # a byte that is not tab, CR, LF or printable ASCII
+    if block.translate(_FIELD_MASK).find(0) != -1:  # a byte that is not tab, CR, LF or printable ASCII
         return None
     lines = block.decode("ascii").split("\r\n")
     lines.pop()  # what follows the last CRLF: nothing
@@ -154,7 +167,7 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
         else:
             first[lower] = value
         items.append((name, value))
-    if "".join(first).encode().translate(None, _TOKEN_BYTES):  # a name that is not a token
+    if "".join(first).encode().translate(_TOKEN_MASK).find(0) != -1:  # a name that is not a token
         return None
     if not first.keys().isdisjoint(_HAND_OVER) or "host" not in first:  # aiohttp: 400 for HTTP/1.1 without Host
         return None

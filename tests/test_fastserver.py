@@ -82,6 +82,9 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX Bad: a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad : a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\x00b\r\n",
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\x7fb\r\n",  # DEL
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX@Bad: a\r\n",  # a name that is not a token
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-\x01: a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: caf\xc3\xa9\r\n",  # bytes above 0x7f
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\nb\r\n",  # a bare LF
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n: empty-name\r\n",
