@@ -85,7 +85,10 @@ MAX_FAST_HEAD = 16 * 1024
 #: Bytes of pipelined requests buffered while one is in progress, before reading stops.
 PIPELINE_LIMIT = 64 * 1024
 
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.1")
+# The methods of RFC 9110 (less CONNECT) and PATCH. Any other is aiohttp's to judge: its C parser
+# (llhttp) refuses a method it does not know (400) and PRI outside the HTTP/2 preface, and reads
+# CONNECT as a tunnel (an upgrade), whatever its target.
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|TRACE|PATCH) (/[!-~]*) HTTP/1\.1")
 # Header lines: a token, a colon, then printable ASCII, space or tab. Anything else (obs-fold, bytes
 # above 0x7f, control characters, a space before the colon) is for aiohttp to judge.
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -114,11 +117,11 @@ class Head:
 def parse_head(head: bytes, limits: Limits) -> Head | None:
     """``head``: the request line and header lines, each ending with CRLF (the blank line excluded).
 
-    ``None`` unless the head is a regular ``HTTP/1.1`` request this server answers itself: an
-    origin-form target without ``%`` or ``#`` outside the admin prefix; header lines of a token, a
-    colon and printable ASCII; within the configured line, field and count limits; no
-    ``Transfer-Encoding``, ``Expect`` or ``Upgrade``; a ``Host``; no repeated singleton header; a
-    ``Content-Length`` of digits, if any.
+    ``None`` unless the head is a regular ``HTTP/1.1`` request this server answers itself: a method of
+    RFC 9110 other than ``CONNECT``, or ``PATCH``; an origin-form target without ``%`` or ``#``
+    outside the admin prefix; header lines of a token, a colon and printable ASCII; within the
+    configured line, field and count limits; no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``; a
+    ``Host``; no repeated singleton header; a ``Content-Length`` of digits, if any.
     """
     line_end = head.find(b"\r\n")
     if line_end > limits.max_request_line_bytes:

@@ -69,6 +69,9 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"GET /openai/models#frag HTTP/1.1\r\nHost: h\r\n",
         b"GET /_credproxy/health HTTP/1.1\r\nHost: h\r\n",  # admin paths are aiohttp's
         b"get /openai/models HTTP/1.1\r\nHost: h\r\n",
+        b"FOO /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp refuses a method it does not know
+        b"PRI /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp: only as the HTTP/2 preface
+        b"CONNECT /openai/models HTTP/1.1\r\nHost: h\r\n",  # a tunnel (upgrade) for aiohttp
         b"GET  /openai/models HTTP/1.1\r\nHost: h\r\n",
         b"GET /openai/models HTTP/1.1\r\n",  # no Host: aiohttp answers 400
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nHost: h\r\n",  # repeated singleton
