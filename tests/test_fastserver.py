@@ -81,6 +81,7 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n",
         b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n",
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key1: a\r\n",  # aiohttp: 400
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n X-Folded: a\r\n",  # obsolete line folding
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX Bad: a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad : a\r\n",
