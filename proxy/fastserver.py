@@ -140,7 +140,8 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
     lines = block.decode("ascii").split("\r\n")
     lines.pop()  # what follows the last CRLF: nothing
     count = len(lines)
-    if count > limits.max_headers or not block.count(b"\r") == block.count(b"\n") == count:  # a bare CR or LF
+    # aiohttp's pure-Python parser counts the request line and the blank line against max_headers.
+    if count > limits.max_headers - 2 or not block.count(b"\r") == block.count(b"\n") == count:  # a bare CR or LF
         return None
     max_field = limits.max_header_bytes
     if len(block) > max_field and max(map(len, lines)) > max_field:

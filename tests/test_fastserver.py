@@ -58,6 +58,12 @@ def test_no_body_and_keep_alive_by_default() -> None:
     assert (head.content_length, head.close) == (0, False)
 
 
+def test_as_many_headers_as_every_aiohttp_parser_takes() -> None:
+    head = parse_head(b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 125, LIMITS)
+    assert head is not None
+    assert len(head.items) == LIMITS.max_headers - 2
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -92,6 +98,8 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 9000 + b"\r\n",  # over max_header_bytes
         b"GET /openai/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: h\r\n",  # over max_request_line_bytes
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 200,  # over max_headers
+        # 127 headers: aiohttp's pure-Python parser counts the request line and the blank line too
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 126,
     ],
 )
 def test_everything_irregular_goes_to_aiohttp(raw: bytes) -> None:
