@@ -93,9 +93,10 @@ _REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|TRACE|PATCH) (/[
 # above 0x7f, control characters, a space before the colon) is for aiohttp to judge.
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _FIELD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F)])
-# Headers that make a request aiohttp's: framing and protocol switches it handles, and
-# Sec-WebSocket-Key1 (the old WebSocket handshake), which both its parsers refuse (400).
-_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "sec-websocket-key1"})
+# Headers that make a request aiohttp's: framing and protocol switches it handles; Sec-WebSocket-Key1
+# (the old WebSocket handshake), which both its parsers refuse (400); Proxy-Connection, which its C
+# parser (llhttp) reads as Connection ("close" closes) and its Python parser ignores.
+_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "sec-websocket-key1", "proxy-connection"})
 _ADMIN = ADMIN_PREFIX.encode()
 _TOKEN = TOKEN_HEADER.lower()
 

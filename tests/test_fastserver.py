@@ -88,6 +88,7 @@ def test_as_many_headers_as_every_aiohttp_parser_takes() -> None:
         b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key1: a\r\n",  # aiohttp: 400
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n",  # llhttp: close
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n X-Folded: a\r\n",  # obsolete line folding
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX Bad: a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad : a\r\n",
