@@ -97,6 +97,8 @@ def test_as_many_headers_as_every_aiohttp_parser_takes() -> None:
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\nb\r\n",  # a bare LF
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n: empty-name\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 9000 + b"\r\n",  # over max_header_bytes
+        # two names, each on a line within max_header_bytes: aiohttp's C parser counts them together
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"A" * 4100 + b": 1\r\n" + b"B" * 4100 + b": 2\r\n",
         b"GET /openai/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: h\r\n",  # over max_request_line_bytes
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 200,  # over max_headers
         # 127 headers: aiohttp's pure-Python parser counts the request line and the blank line too
