@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from itertools import pairwise
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from aiohttp import web
@@ -85,9 +86,11 @@ MAX_FAST_HEAD = 16 * 1024
 #: Bytes of pipelined requests buffered while one is in progress, before reading stops.
 PIPELINE_LIMIT = 64 * 1024
 
-#: A request line the fast server answers: an upper-case method, an origin-form target of printable
-#: ASCII without ``%`` (0x25) or ``#`` (0x23), HTTP/1.1.
-_REQUEST_LINE = re.compile(rb'([A-Z]{1,20}) (/[!"$&-~]*) HTTP/1\.1')
+# The methods of RFC 9110 (less CONNECT) and PATCH. Any other is aiohttp's to judge: its C parser
+# (llhttp) refuses a method it does not know (400) and PRI outside the HTTP/2 preface, and reads
+# CONNECT as a tunnel (an upgrade), whatever its target. The target: printable ASCII without ``%``
+# (0x25) or ``#`` (0x23).
+_REQUEST_LINE = re.compile(rb'(GET|HEAD|POST|PUT|DELETE|OPTIONS|TRACE|PATCH) (/[!"$&-~]*) HTTP/1\.1')
 # Header lines: a token, a colon, then printable ASCII, space or tab. Anything else (obs-fold, bytes
 # above 0x7f, control characters, a space before the colon) is for aiohttp to judge.
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -103,7 +106,10 @@ def _mask(allowed: bytes) -> bytes:
 
 _TOKEN_MASK = _mask(_TOKEN_BYTES)
 _FIELD_MASK = _mask(_FIELD_BYTES)  # NUL itself is not allowed: it stays NUL
-_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
+# Headers that make a request aiohttp's: framing and protocol switches it handles; Sec-WebSocket-Key1
+# (the old WebSocket handshake), which both its parsers refuse (400); Proxy-Connection, which its C
+# parser (llhttp) reads as Connection ("close" closes) and its Python parser ignores.
+_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "sec-websocket-key1", "proxy-connection"})
 _ADMIN = ADMIN_PREFIX.encode()
 _TOKEN = TOKEN_HEADER.lower()
 
@@ -127,11 +133,11 @@ class Head:
 def parse_head(head: bytes, limits: Limits) -> Head | None:
     """``head``: the request line and header lines, each ending with CRLF (the blank line excluded).
 
-    ``None`` unless the head is a regular ``HTTP/1.1`` request this server answers itself: an
-    origin-form target without ``%`` or ``#`` outside the admin prefix; header lines of a token, a
-    colon and printable ASCII; within the configured line, field and count limits; no
-    ``Transfer-Encoding``, ``Expect`` or ``Upgrade``; a ``Host``; no repeated singleton header; a
-    ``Content-Length`` of digits, if any.
+    ``None`` unless the head is a regular ``HTTP/1.1`` request this server answers itself: a method of
+    RFC 9110 other than ``CONNECT``, or ``PATCH``; an origin-form target without ``%`` or ``#``
+    outside the admin prefix; header lines of a token, a colon and printable ASCII; within the
+    configured line, field and count limits; no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``; a
+    ``Host``; no repeated singleton header; a ``Content-Length`` of digits, if any.
     """
     line_end = head.find(b"\r\n")
     if line_end > limits.max_request_line_bytes:
@@ -148,10 +154,12 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
     lines = block.decode("ascii").split("\r\n")
     lines.pop()  # what follows the last CRLF: nothing
     count = len(lines)
-    if count > limits.max_headers or not block.count(b"\r") == block.count(b"\n") == count:  # a bare CR or LF
+    # aiohttp's pure-Python parser counts the request line and the blank line against max_headers.
+    if count > limits.max_headers - 2 or not block.count(b"\r") == block.count(b"\n") == count:  # a bare CR or LF
         return None
     max_field = limits.max_header_bytes
-    if len(block) > max_field and max(map(len, lines)) > max_field:
+    big = len(block) > max_field  # else no line, nor two names together, can be longer than max_field
+    if big and max(map(len, lines)) > max_field:
         return None
     items: Headers = []
     first: dict[str, str] = {}
@@ -167,6 +175,9 @@ def parse_head(head: bytes, limits: Limits) -> Head | None:
         else:
             first[lower] = value
         items.append((name, value))
+    # aiohttp's C parser adds the length of the name before to each header name's (400 over max_field).
+    if big and any(len(a) + len(b) > max_field for (a, _), (b, _) in pairwise(items)):
+        return None
     if "".join(first).encode().translate(_TOKEN_MASK).find(0) != -1:  # a name that is not a token
         return None
     if not first.keys().isdisjoint(_HAND_OVER) or "host" not in first:  # aiohttp: 400 for HTTP/1.1 without Host

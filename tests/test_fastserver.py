@@ -58,6 +58,12 @@ def test_no_body_and_keep_alive_by_default() -> None:
     assert (head.content_length, head.close) == (0, False)
 
 
+def test_as_many_headers_as_every_aiohttp_parser_takes() -> None:
+    head = parse_head(b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 125, LIMITS)
+    assert head is not None
+    assert len(head.items) == LIMITS.max_headers - 2
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -69,6 +75,9 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"GET /openai/models#frag HTTP/1.1\r\nHost: h\r\n",
         b"GET /_credproxy/health HTTP/1.1\r\nHost: h\r\n",  # admin paths are aiohttp's
         b"get /openai/models HTTP/1.1\r\nHost: h\r\n",
+        b"FOO /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp refuses a method it does not know
+        b"PRI /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp: only as the HTTP/2 preface
+        b"CONNECT /openai/models HTTP/1.1\r\nHost: h\r\n",  # a tunnel (upgrade) for aiohttp
         b"GET  /openai/models HTTP/1.1\r\nHost: h\r\n",
         b"GET /openai/models HTTP/1.1\r\n",  # no Host: aiohttp answers 400
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nHost: h\r\n",  # repeated singleton
@@ -78,6 +87,8 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n",
         b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n",
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key1: a\r\n",  # aiohttp: 400
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n",  # llhttp: close
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n X-Folded: a\r\n",  # obsolete line folding
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX Bad: a\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad : a\r\n",
@@ -89,8 +100,12 @@ def test_no_body_and_keep_alive_by_default() -> None:
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\nb\r\n",  # a bare LF
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n: empty-name\r\n",
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 9000 + b"\r\n",  # over max_header_bytes
+        # two names, each on a line within max_header_bytes: aiohttp's C parser counts them together
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"A" * 4100 + b": 1\r\n" + b"B" * 4100 + b": 2\r\n",
         b"GET /openai/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: h\r\n",  # over max_request_line_bytes
         b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 200,  # over max_headers
+        # 127 headers: aiohttp's pure-Python parser counts the request line and the blank line too
+        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 126,
     ],
 )
 def test_everything_irregular_goes_to_aiohttp(raw: bytes) -> None:
