@@ -24,7 +24,7 @@ EXPOSE 8787
 
 # python:slim has no curl; the check reads the listen port from the same config file.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-m", "proxy.healthcheck", "--config", "/data/config.json"]
+    CMD ["python", "-m", "proxy.admin.healthcheck", "--config", "/data/config.json"]
 
 # Inside a container the proxy must listen beyond loopback for the agent to reach it. Publish the
 # port on the host's 127.0.0.1 only, and see README "Security model" for client tokens.

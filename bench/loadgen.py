@@ -88,7 +88,7 @@ def run_wrk(url: str, connections: int, duration: float, script: Path) -> LoadRe
 
 def run_fallback(url: str, connections: int, duration: float) -> LoadResult:
     """The same closed loop in Python (slower than wrk: figures measured this way understate the proxies)."""
-    from proxy.eventloop import run
+    from proxy.edge.eventloop import run
 
     return run(_fallback(url, connections, duration))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.fake_bodies import response_object
+from proxy.testing.fake_bodies import response_object
 
 #: The request body the load generator POSTs (a small Responses request).
 REQUEST_BODY = orjson.dumps({"model": "gpt-bench", "input": "Say hello in one word.", "stream": False})

@@ -17,7 +17,7 @@ import asyncio
 from typing import cast
 
 from bench.upstream_server import serve_protocol
-from proxy.eventloop import run
+from proxy.edge.eventloop import run
 
 
 class _Half(asyncio.Protocol):

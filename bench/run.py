@@ -37,7 +37,7 @@ import orjson
 
 from bench import loadgen, nginx, report, sse_client
 from bench.procs import Processes, Running, free_port, raise_fd_limit
-from proxy.eventloop import run
+from proxy.edge.eventloop import run
 
 LEVELS = (1, 16, 128, 512)
 #: 256-stream runs per configuration per round (each takes well under a second).

@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from proxy.fake_upstream import FakeUpstream
+from proxy.testing.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(

@@ -16,13 +16,13 @@ import orjson
 import pytest
 from yarl import URL
 
-from proxy import limits, selection
-from proxy.clock import ManualClock
 from proxy.config import Provider
-from proxy.credentials import parse_credentials
-from proxy.limits import Kind
-from proxy.pool import Pool
-from proxy.selection import fnv1a_utf16
+from proxy.core import ratelimits, selection
+from proxy.core.clock import ManualClock
+from proxy.core.credentials import parse_credentials
+from proxy.core.pool import Pool
+from proxy.core.ratelimits import Kind
+from proxy.core.selection import fnv1a_utf16
 
 #: A Codex-style session id (a UUID): the usual length of what clients send.
 SESSION = "019a4c2e-7f3b-7d21-9a8e-5c1f0b2d3e4f"
@@ -122,27 +122,27 @@ HEADERS_429 = {
 
 
 def test_classify_429_with_hints(benchmark: Any) -> None:
-    info = limits.error_info(orjson.loads(RATE_LIMIT_429))
-    verdict = benchmark(limits.classify, 429, HEADERS_429, info, NOW, 0)
+    info = ratelimits.error_info(orjson.loads(RATE_LIMIT_429))
+    verdict = benchmark(ratelimits.classify, 429, HEADERS_429, info, NOW, 0)
     assert verdict.kind is Kind.LIMITED
     assert verdict.source == "retry-after-ms"
 
 
 def test_classify_429_including_body_parse(benchmark: Any) -> None:
-    def run() -> limits.Verdict:
-        return limits.classify(429, HEADERS_429, limits.error_info(orjson.loads(RATE_LIMIT_429)), NOW, 0)
+    def run() -> ratelimits.Verdict:
+        return ratelimits.classify(429, HEADERS_429, ratelimits.error_info(orjson.loads(RATE_LIMIT_429)), NOW, 0)
 
     assert benchmark(run).kind is Kind.LIMITED
 
 
 def test_classify_codex_usage_limit_plan_window(benchmark: Any) -> None:
     body = {"error": {"type": "usage_limit_reached", "resets_at": int(NOW) + 3600, "resets_in_seconds": 3600}}
-    info = limits.error_info(body)
-    verdict = benchmark(limits.classify, 429, {"content-type": "application/json"}, info, NOW, 0)
+    info = ratelimits.error_info(body)
+    verdict = benchmark(ratelimits.classify, 429, {"content-type": "application/json"}, info, NOW, 0)
     assert verdict.kind is Kind.LIMITED
     assert verdict.source == "plan_window"
 
 
 def test_classify_200(benchmark: Any) -> None:
     headers = {"content-type": "application/json", "x-request-id": "req_1"}
-    assert benchmark(limits.classify, 200, headers, None, NOW, 0).kind is Kind.OK
+    assert benchmark(ratelimits.classify, 200, headers, None, NOW, 0).kind is Kind.OK

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import cast
 
 from bench.payloads import JSON_BODY, sse_event
-from proxy.eventloop import run
+from proxy.edge.eventloop import run
 
 MAX_HEAD = 64 * 1024
 

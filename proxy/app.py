@@ -16,26 +16,26 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from proxy.accounts import Accounts
-from proxy.admin import Admin
-from proxy.backend import STATE, make_backend, state_view
-from proxy.clock import Clock, SystemClock
+from proxy.accounts.custody import Custodian
+from proxy.accounts.preflight import Accounts
+from proxy.admin.endpoints import Admin
 from proxy.config import Config, check_listen
-from proxy.credentials import Credential
-from proxy.custody import Custodian
-from proxy.fasttransport import FastTransport
-from proxy.forward import Forwarder
-from proxy.headers import Headers
-from proxy.logs import AccessLog
-from proxy.metrics import Metrics
-from proxy.pool import Pool
-from proxy.private_files import check_private
-from proxy.security import Guard
-from proxy.server import ProxyRunner
-from proxy.store import load_credentials
-from proxy.sync import FileSync
-from proxy.tokens import load_client_tokens
-from proxy.upstream import AiohttpTransport, Transport, UpstreamResponse
+from proxy.core.clock import Clock, SystemClock
+from proxy.core.credentials import Credential
+from proxy.core.guard import Guard
+from proxy.core.headers import Headers
+from proxy.core.pool import Pool
+from proxy.edge.fast_transport import FastTransport
+from proxy.edge.forward import Forwarder
+from proxy.edge.server import ProxyRunner
+from proxy.edge.transport import AiohttpTransport, Transport, UpstreamResponse
+from proxy.observe.logs import AccessLog
+from proxy.observe.metrics import Metrics
+from proxy.storage.backend import STATE, make_backend, state_view
+from proxy.storage.client_tokens import load_client_tokens
+from proxy.storage.file_backend import FileSync
+from proxy.storage.files import load_credentials
+from proxy.storage.private_files import check_private
 
 log = logging.getLogger("credproxy")
 
@@ -166,7 +166,7 @@ LISTEN_BACKLOG = 4096
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    """The runner with the connection limits of the config and the request guard (see proxy/server.py)."""
+    """The runner with the connection limits of the config and the request guard (see proxy/edge/server.py)."""
     forwarder = app[FORWARDER]
     serve = forwarder.serve if app[CONFIG].server == "fast" else None
     return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=forwarder.handle, serve=serve)

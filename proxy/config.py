@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import orjson
 from yarl import URL
 
+from proxy.config_section import Section, as_object
+from proxy.core.guard import host_entry_problem, origin_problem, token_problem
+from proxy.core.secret import Secret
 from proxy.errors import ConfigError
-from proxy.private_files import check_private
-from proxy.secret import Secret
-from proxy.section import Section, as_object
-from proxy.security import host_entry_problem, origin_problem, token_problem
+from proxy.storage.private_files import check_private
 
 T = TypeVar("T")
 
@@ -35,9 +35,9 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _SELECTORS = ("hashed", "rendezvous")
 _KINDS = ("openai", "codex")
 _PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
-#: Upstream transports (``proxy.fasttransport`` and ``proxy.upstream``); the first is the default.
+#: Upstream transports (``proxy.edge.fast_transport`` and ``proxy.edge.transport``); the first is the default.
 TRANSPORTS = ("fast", "aiohttp")
-#: Servers for proxied requests (``proxy.fastserver``, or aiohttp's for every request); the first is the default.
+#: Servers for proxied requests (``proxy.edge.fast_server``, or aiohttp's for every request); the first is the default.
 SERVERS = ("fast", "aiohttp")
 
 
@@ -58,7 +58,7 @@ class Limits:
     idle_timeout: float = 300.0
     connect_retry_delay: float = 0.25
     shutdown_grace: float = 30.0
-    # The client side (proxy/server.py): what one connection may cost before it is cut.
+    # The client side (proxy/edge/server.py): what one connection may cost before it is cut.
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
     client_keepalive_timeout: float = 75.0
@@ -76,7 +76,7 @@ class Logging:
 
 @dataclass(frozen=True, slots=True)
 class Security:
-    """Who may use the proxy (see :mod:`proxy.security`). Tokens are on when either token key is set."""
+    """Who may use the proxy (see :mod:`proxy.core.guard`). Tokens are on when either token key is set."""
 
     client_tokens: tuple[Secret, ...] = ()
     client_token_file: Path | None = None

@@ -12,7 +12,7 @@
         └── StreamBroken           the body broke after the response began (client sees an abort)
 
 Exceptions of aiohttp and of the OS are translated into this tree at one boundary each
-(``proxy.upstream`` for the network, ``proxy.store`` for files).
+(``proxy.edge.transport`` for the network, ``proxy.storage.files`` for files).
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import POOL, make_app, start
-from proxy.clock import ManualClock
 from proxy.config import TRANSPORTS, load_config
-from proxy.fake_upstream import FakeUpstream
-from proxy.pool import Pool
+from proxy.core.clock import ManualClock
+from proxy.core.pool import Pool
+from proxy.testing.fake_upstream import FakeUpstream
 
 pytest_plugins = ("tests.redis_server",)  # the redis_server fixture (a real redis-server on a free port)
 

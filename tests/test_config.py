@@ -20,8 +20,8 @@ from proxy.config import (
     Provider,
     load_config,
 )
+from proxy.core.routing import find_provider
 from proxy.errors import ConfigError
-from proxy.routing import find_provider
 
 OPENAI = {"mount": "/openai", "upstream": "https://api.openai.com/v1"}
 

@@ -1,0 +1,292 @@
+"""The pool: every credential of every provider, and its mutable state.
+
+This is the one owner of mutable credential state (blocked until when and why, disabled, usage,
+counters). Reads on the request path are plain dictionary lookups, no awaits; changes are reported
+to ``listeners`` (persistence, shared state, metrics follow without the pool knowing about them),
+and views from other processes come back through :meth:`Pool.apply`, merged by
+:func:`proxy.core.credential_state.merge`.
+
+It also remembers, for recent sessions, which credential served them last: that tells a new session
+from a returning one (the soft limit steers only new sessions) and a session that switches accounts
+(whose account-bound state must be dropped).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from proxy.config import Provider
+from proxy.core import selection
+from proxy.core.clock import Clock
+from proxy.core.credential_state import Entry, merge
+from proxy.core.credentials import Credential
+from proxy.core.ratelimits import Kind, Verdict
+from proxy.core.usage import UsageSnapshot, exhausted_until, highest_percent
+from proxy.errors import NoCredentialAvailable
+
+#: How many sessions the pool remembers (least recently used are forgotten).
+MAX_SESSIONS = 10_000
+
+
+@dataclass(slots=True)
+class CredentialState:
+    blocked_until: float = 0.0
+    blocked_since: float = 0.0
+    block_reason: str = ""
+    attention: bool = False  # a human must act (billing, plan, re-login)
+    # Why the credential is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled.
+    disabled: str = ""
+    disabled_since: float = 0.0
+    disabled_token: str = ""  # fingerprint of the token the flag was raised for
+    unblocked_at: float = 0.0
+    usage: UsageSnapshot | None = None  # the latest usage windows seen (Codex accounts)
+    consecutive_limits: int = 0
+    served: int = 0
+    last_error: str = ""
+
+    def entry(self) -> Entry:
+        return Entry(
+            blocked_until=self.blocked_until,
+            blocked_since=self.blocked_since,
+            reason=self.block_reason,
+            attention=self.attention,
+            disabled=self.disabled,
+            disabled_since=self.disabled_since,
+            disabled_token=self.disabled_token,
+            unblocked_at=self.unblocked_at,
+            usage=self.usage,
+        )
+
+
+Listener = Callable[[Credential, CredentialState], None]
+
+
+class Pool:
+    def __init__(
+        self,
+        providers: Iterable[Provider],
+        credentials: Mapping[str, Sequence[Credential]],
+        clock: Clock,
+    ) -> None:
+        self._clock = clock
+        self._providers = {p.name: p for p in providers}
+        self._state: dict[str, CredentialState] = {}
+        self._groups: dict[str, tuple[tuple[tuple[Credential, ...], tuple[str, ...]], ...]] = {}
+        self._counters: dict[str, int] = {}
+        self._by_label: dict[str, Credential] = {}
+        self._by_id: dict[str, Credential] = {}
+        self._sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._secrets: tuple[str, ...] | None = None
+        self.listeners: list[Listener] = []
+        for name in self._providers:
+            self.replace(name, credentials.get(name, ()))
+
+    # The credentials -------------------------------------------------------------------------
+
+    def replace(self, provider: str, creds: Sequence[Credential]) -> None:
+        """Install the credentials of ``provider`` (start-up, or the file changed); state is kept by id."""
+        keys = tuple(c for c in creds if c.kind == "api_key")
+        oauth = tuple(c for c in creds if c.kind == "oauth")
+        self._groups[provider] = tuple((group, tuple(c.id for c in group)) for group in (keys, oauth) if group)
+        self._counters.setdefault(provider, 0)
+        self._secrets = None
+        for mapping in (self._by_label, self._by_id):
+            for key, cred in list(mapping.items()):
+                if cred.provider == provider:
+                    del mapping[key]
+        for cred in creds:
+            state = self._state.setdefault(cred.id, CredentialState())
+            self._by_label[cred.label] = cred
+            self._by_id[cred.id] = cred
+            self._check_disabled_token(cred, state)
+
+    def update(self, cred: Credential) -> None:
+        """Swap in new tokens for a credential already in the pool (after a refresh)."""
+        provider = cred.provider
+        self._groups[provider] = tuple(
+            (tuple(cred if c.id == cred.id else c for c in group), ids) for group, ids in self._groups[provider]
+        )
+        self._by_label[cred.label] = cred
+        self._by_id[cred.id] = cred
+        self._secrets = None
+        self._check_disabled_token(cred, self._state[cred.id])
+
+    def _check_disabled_token(self, cred: Credential, state: CredentialState) -> None:
+        # A flag raised for an older token (before a re-login or a new key) no longer applies.
+        if state.disabled and state.disabled_token and state.disabled_token != cred.fingerprint:
+            state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
+            state.attention = state.blocked_until > self._clock.time() and state.attention
+
+    def providers(self) -> Iterable[Provider]:
+        return self._providers.values()
+
+    def provider(self, name: str) -> Provider:
+        return self._providers[name]
+
+    def credentials(self, provider: str) -> list[Credential]:
+        return [c for group, _ in self._groups.get(provider, ()) for c in group]
+
+    def all_credentials(self) -> list[Credential]:
+        return [c for name in self._providers for c in self.credentials(name)]
+
+    def by_label(self, label: str) -> Credential | None:
+        return self._by_label.get(label)
+
+    def by_id(self, cred_id: str) -> Credential | None:
+        return self._by_id.get(cred_id)
+
+    def current(self, cred: Credential) -> Credential:
+        """The pool's version of ``cred`` (its tokens may have been refreshed since it was picked)."""
+        return self._by_id.get(cred.id, cred)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every token value in the pool, for the log redaction filter (made again only after a change)."""
+        if self._secrets is None:
+            values = []
+            for cred in self._by_id.values():
+                values.append(cred.token.reveal())
+                if cred.refresh is not None:
+                    values.append(cred.refresh.reveal())
+            self._secrets = tuple(values)
+        return self._secrets
+
+    def state(self, cred: Credential) -> CredentialState:
+        return self._state[cred.id]
+
+    # Selection -------------------------------------------------------------------------------
+
+    def order(self, provider: str, session_id: str | None, advance: bool = True) -> list[Credential]:
+        """Every credential of ``provider`` in the order this request should try them.
+
+        ``advance=False`` only looks (``credproxy which``): the round-robin counter stays where it is.
+        """
+        config = self._providers[provider]
+        counter = 0
+        if session_id is None:
+            counter = self._counters[provider]
+            if advance:
+                self._counters[provider] = counter + 1
+        result: list[Credential] = []
+        for group, ids in self._groups[provider]:
+            result.extend(group[i] for i in selection.order(session_id, ids, config.selector, counter))
+        if config.soft_limit_percent is not None and len(result) > 1 and self.last_served(provider, session_id) is None:
+            # A new session goes to a credential with headroom while there is one (stable partition).
+            limit = config.soft_limit_percent
+            roomy = [c for c in result if highest_percent(self._state[c.id].usage) < limit]
+            if roomy and len(roomy) < len(result):
+                result = roomy + [c for c in result if highest_percent(self._state[c.id].usage) >= limit]
+        return result
+
+    def last_served(self, provider: str, session_id: str | None) -> str | None:
+        """The id of the credential that last served this session, if the pool remembers it."""
+        if session_id is None:
+            return None
+        return self._sessions.get((provider, session_id))
+
+    def available(self, cred: Credential, now: float) -> bool:
+        state = self._state[cred.id]
+        return not state.disabled and state.blocked_until <= now
+
+    # Outcomes --------------------------------------------------------------------------------
+
+    def block(self, cred: Credential, verdict: Verdict) -> None:
+        """Block ``cred`` until ``verdict.until``; a new block never shortens an existing one."""
+        state = self._state[cred.id]
+        now = self._clock.time()
+        if verdict.until > state.blocked_until:
+            if state.blocked_until <= now:
+                state.blocked_since = now
+            state.blocked_until = verdict.until
+            state.block_reason = verdict.reason
+        state.attention = state.attention or verdict.attention
+        state.consecutive_limits += 1
+        state.last_error = verdict.reason
+        self._changed(cred, state)
+
+    def disable(self, cred: Credential, reason: str) -> None:
+        state = self._state[cred.id]
+        state.disabled = reason
+        state.disabled_since = self._clock.time()
+        state.disabled_token = cred.fingerprint
+        state.attention = True
+        state.last_error = reason
+        self._changed(cred, state)
+
+    def record_usage(self, cred: Credential, snapshot: UsageSnapshot, block: bool = True) -> None:
+        """Take in a usage snapshot; an exhausted account is blocked until its window resets (if ``block``)."""
+        state = self._state[cred.id]
+        if state.usage is not None and state.usage.observed_at > snapshot.observed_at:
+            return
+        state.usage = snapshot
+        now = self._clock.time()
+        until = exhausted_until(snapshot, now) if block else None
+        if until is not None and until > state.blocked_until:
+            self.block(cred, Verdict(Kind.LIMITED, reason="usage_exhausted", until=until, source=snapshot.source))
+            return
+        self._changed(cred, state)
+
+    def succeeded(self, cred: Credential, session_id: str | None = None) -> None:
+        state = self._state[cred.id]
+        state.served += 1
+        state.consecutive_limits = 0
+        if session_id is not None:
+            key = (cred.provider, session_id)
+            self._sessions[key] = cred.id
+            self._sessions.move_to_end(key)
+            if len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        if state.attention and not state.disabled and state.blocked_until <= self._clock.time():
+            state.attention = False
+            self._changed(cred, state)
+
+    def failed(self, cred: Credential, reason: str) -> None:
+        """Record an error that does not change the credential's availability."""
+        self._state[cred.id].last_error = reason
+
+    def unblock(self, cred: Credential) -> None:
+        """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""
+        state = self._state[cred.id]
+        state.unblocked_at = self._clock.time()
+        state.blocked_until = state.blocked_since = 0.0
+        state.block_reason = ""
+        state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
+        state.attention = False
+        state.consecutive_limits = 0
+        self._changed(cred, state)
+
+    def apply(self, cred_id: str, remote: Entry) -> bool:
+        """Merge another process's view of a credential into ours; True when ours changed."""
+        state = self._state.get(cred_id)
+        cred = self._by_id.get(cred_id)
+        if state is None or cred is None:
+            return False
+        if remote.disabled and remote.disabled_token and remote.disabled_token != cred.fingerprint:
+            remote = replace(remote, disabled="", disabled_since=0.0, disabled_token="")
+        before = state.entry()
+        merged = merge(before, remote)
+        if merged == before:
+            return False
+        state.blocked_until, state.blocked_since = merged.blocked_until, merged.blocked_since
+        state.block_reason, state.attention = merged.reason, merged.attention or bool(merged.disabled)
+        state.disabled, state.disabled_since = merged.disabled, merged.disabled_since
+        state.disabled_token, state.unblocked_at = merged.disabled_token, merged.unblocked_at
+        state.usage = merged.usage
+        return True
+
+    def unavailable(self, provider: str) -> NoCredentialAvailable:
+        """The error for "nothing can serve ``provider`` now": 429 with a retry time, or 503."""
+        creds = self.credentials(provider)
+        waits = [self._state[c.id].blocked_until for c in creds if not self._state[c.id].disabled]
+        if not creds:
+            return NoCredentialAvailable(provider, None, f"no credentials are configured for provider {provider!r}")
+        if not waits:
+            return NoCredentialAvailable(
+                provider, None, f"every credential of provider {provider!r} is disabled or needs a re-login"
+            )
+        return NoCredentialAvailable(provider, min(waits), f"every credential of provider {provider!r} is rate limited")
+
+    def _changed(self, cred: Credential, state: CredentialState) -> None:
+        for listener in self.listeners:
+            listener(cred, state)

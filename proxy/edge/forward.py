@@ -1,0 +1,430 @@
+"""The request handler: route, buffer, pick a credential, send, classify, replay or relay.
+
+The handler drives a :class:`~proxy.core.replay.ReplayPlan`. Nothing reaches the client until an
+attempt's action is PASS; error bodies (status >= 400) are read, bounded, before deciding, and a
+200 SSE stream is held until its first event has been checked. From then on the response streams
+chunk by chunk as it arrives, and a failure upstream aborts the client connection so that a broken
+stream can never look complete. Every upstream response is closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+
+from proxy.accounts.preflight import Accounts
+from proxy.config import Config, Provider
+from proxy.core import headers as hdrs
+from proxy.core.clock import Clock
+from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
+from proxy.core.credentials import Credential
+from proxy.core.pool import Pool
+from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
+from proxy.core.replay import Action, ReplayPlan, action_for
+from proxy.core.routing import check_path, find_provider, split_target, upstream_target
+from proxy.core.selection import fnv1a_utf16, session_id_from
+from proxy.core.sse import EventScanner, parse_json, split_first_event
+from proxy.edge.client import AiohttpClient, Client, Incoming, Outlet
+from proxy.edge.transport import Deliver, Transport, UpstreamResponse
+from proxy.errors import (
+    ConnectFailed,
+    NoCredentialAvailable,
+    RequestRejected,
+    StreamBroken,
+    UpstreamError,
+)
+from proxy.observe.record import Observer, RequestRecord
+
+log = logging.getLogger("credproxy")
+
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+#: Error bodies read before deciding; a larger body is passed through without classification.
+MAX_ERROR_BODY = 256 * 1024
+#: Bytes of a 200 SSE stream held back while looking for its first event.
+MAX_PEEK = 256 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+#: Response headers only credproxy sets (an upstream's own are dropped).
+_OURS = frozenset({"x-credproxy-credential", "x-credproxy-attempts"})
+
+
+StreamEventHook = Callable[[Credential, list[bytes]], None]
+
+
+class Forwarder:
+    """Holds what every request needs; :meth:`handle` is the aiohttp handler."""
+
+    def __init__(
+        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Accounts | None = None
+    ) -> None:
+        self._limits = config.limits
+        self._pool = pool
+        self.transport = transport
+        self.accounts = accounts
+        self._clock = clock
+        self._lookup = find_provider(config.providers)
+        self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in config.providers}
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(3).hex()
+        self.observers: list[Observer] = []
+        self.stream_event_hooks: list[StreamEventHook] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler (the catch-all route, and the server's path for what the fast server hands on)."""
+        client = AiohttpClient(request)
+        incoming = Incoming(
+            request.method,
+            request.raw_path,
+            request.path,
+            (request.version.major, request.version.minor),
+            request.headers,
+            client.read_body,
+        )
+        await self.serve(incoming, client)
+        assert client.response is not None
+        return client.response
+
+    async def serve(self, incoming: Incoming, client: Client) -> int:
+        """Answer one request on ``client``; returns the status it got."""
+        record = RequestRecord(
+            request_id=f"{self._id_prefix}-{next(self._ids):x}",
+            method=incoming.method,
+            path=incoming.path,
+            started=self._clock.time(),
+        )
+        start = self._clock.monotonic()
+        try:
+            upstream, prefix, cred = await self._choose(incoming, record)
+            try:
+                await self._relay(incoming, client, upstream, prefix, cred, record)
+            finally:
+                upstream.close()
+        except RequestRejected as exc:
+            record.outcome, record.error = "rejected", str(exc)
+            record.status = await client.respond(error_response(exc.status, str(exc), exc.code))
+        except NoCredentialAvailable as exc:
+            record.outcome, record.error = "no_credential", str(exc)
+            record.status = await client.respond(self._unavailable_response(exc, record))
+        except UpstreamError as exc:
+            record.outcome, record.error = "upstream_error", str(exc)
+            record.status = await client.respond(error_response(exc.status, str(exc), "upstream_error", record))
+        except asyncio.CancelledError:
+            # The client went away (handler cancellation): the upstream request is already closed.
+            record.outcome, record.status = "client_closed", 499
+            self._done(record, start)
+            raise
+        self._done(record, start)
+        return record.status
+
+    def _done(self, record: RequestRecord, start: float) -> None:
+        record.duration = self._clock.monotonic() - start
+        for observer in self.observers:
+            observer(record)
+
+    async def _choose(self, request: Incoming, record: RequestRecord) -> tuple[UpstreamResponse, bytes, Credential]:
+        """Send the request until an answer may be passed to the client; returns that answer (open, to be
+        relayed and closed by the caller), the bytes of it already read, and the credential that got it.
+
+        The relay runs after this returns, so that a long stream does not keep this frame's locals (the
+        request body, which for an agent's turn is often hundreds of KB, and the header lists) alive.
+        """
+        if request.method not in ALLOWED_METHODS:
+            raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
+        if request.version < (1, 0):
+            raise RequestRejected(400, "HTTP/0.9 is not supported")
+        path, query = split_target(request.raw_path)
+        route = self._lookup(path)
+        if route is None:
+            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
+        provider, rest = route
+        record.provider = provider.name
+        check_path(rest)
+        items = request.items()
+        if hdrs.has_control_characters(items):
+            raise RequestRejected(400, "a header value contains control characters")
+        session_id = session_id_from(request.headers, self._limits.max_session_id_length)
+        if session_id is not None:
+            record.session_hash = f"{fnv1a_utf16(session_id):08x}"
+        body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
+        forwarded = hdrs.to_upstream(items)
+        origin, base_path = self._origins[provider.name]
+        target = upstream_target(base_path, rest, query)
+        plan = ReplayPlan(self._pool, self._pool.order(provider.name, session_id))
+        last_served = self._pool.last_served(provider.name, session_id)
+        retried: set[str] = set()  # credentials already given their one same-credential retry
+
+        cred = plan.next(self._clock.time())
+        while cred is not None:
+            if cred.kind == "oauth" and self.accounts is not None:
+                prepared = await self.accounts.prepare(cred)
+                if prepared is None:
+                    cred = plan.next(self._clock.time())
+                    continue
+                cred = prepared
+            record.tried.append(cred.label)
+            headers = forwarded
+            if provider.kind == "codex" and (
+                (last_served is not None and last_served != cred.id) or len(record.tried) > 1
+            ):
+                # The session moved to another account: its sticky-routing token belongs to the old one.
+                headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
+            upstream = await self._send(request.method, origin, target, [*headers, *cred.auth_headers()], body, record)
+            passed = False
+            try:
+                verdict, prefix = await self._inspect(upstream, cred, provider)
+                action = action_for(verdict.kind, cred.kind)
+                stripped = None
+                if action is Action.REPAIR:
+                    stripped = strip_foreign_state(body) if cred.id not in retried else None
+                    if stripped is None:
+                        action = Action.PASS  # nothing to strip (or already did): the client sees the 400
+                if action is Action.PASS:
+                    record.outcome = "served" if upstream.status < 400 else "upstream_status"
+                    if upstream.status < 400:
+                        self._pool.succeeded(cred, session_id)
+                    else:
+                        self._pool.failed(cred, verdict.reason)
+                    passed = True
+                    return upstream, prefix, cred
+            finally:
+                if not passed:
+                    upstream.close()
+
+            if action is Action.BLOCK:
+                self._pool.block(cred, verdict)
+                log.info(
+                    "credential %s limited (%s) until %.0f (from %s); trying the next one",
+                    cred.label,
+                    verdict.reason,
+                    verdict.until,
+                    verdict.source,
+                )
+            elif action is Action.DISABLE:
+                self._pool.disable(cred, "invalid_api_key")
+                log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
+            elif action is Action.REFRESH and self.accounts is not None and cred.id not in retried:
+                retried.add(cred.id)
+                refreshed = await self.accounts.refresh_after_401(cred)
+                if refreshed is not None:
+                    cred = refreshed
+                    continue  # replay once on the same credential with its new token
+            elif action is Action.REFRESH:
+                self._pool.disable(cred, "needs_relogin")
+                log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
+            elif action is Action.REPAIR and stripped is not None:
+                retried.add(cred.id)
+                log.info(
+                    "request %s: dropped reasoning of another account; replaying on %s", record.request_id, cred.label
+                )
+                body = stripped
+                continue
+            cred = plan.next(self._clock.time())
+        raise self._pool.unavailable(provider.name)
+
+    async def _send(
+        self, method: str, origin: str, target: str, headers: hdrs.Headers, body: bytes, record: RequestRecord
+    ) -> UpstreamResponse:
+        """One attempt; a refused connection (the request never left) is tried once more."""
+        for retry in (False, True):
+            record.attempts += 1
+            sent = self._clock.monotonic()
+            try:
+                upstream = await self.transport.request(method, origin, target, headers, body)
+                record.header_seconds.append(self._clock.monotonic() - sent)
+                return upstream
+            except ConnectFailed:
+                if retry:
+                    raise
+                await asyncio.sleep(self._limits.connect_retry_delay)
+        raise AssertionError("unreachable")
+
+    async def _inspect(self, upstream: UpstreamResponse, cred: Credential, provider: Provider) -> tuple[Verdict, bytes]:
+        """Classify an answer before committing it; returns the verdict and the bytes already read."""
+        headers = _lower(upstream.headers)
+        verdict, prefix = await self._classify(upstream, headers, cred)
+        if provider.kind == "codex" and self.accounts is not None:
+            # Usage windows ride on every Codex answer. On a limit answer the verdict decides the block.
+            self.accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
+        return verdict, prefix
+
+    async def _classify(
+        self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
+    ) -> tuple[Verdict, bytes]:
+        status = upstream.status
+        now = self._clock.time()
+        consecutive = self._pool.state(cred).consecutive_limits
+        if status >= 400:
+            body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
+            info = error_info(parse_json(body)) if complete and body else None
+            return classify(status, headers, info, now, consecutive), body
+        if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
+            prefix = b""
+            while len(prefix) < MAX_PEEK:
+                chunk = await upstream.read()
+                if not chunk:
+                    break
+                prefix += chunk
+                first = split_first_event(prefix)
+                if first is not None:
+                    info = error_info(parse_json(first))
+                    if info is not None and info.code in LIMIT_CODES:
+                        return classify(status, headers, info, now, consecutive), prefix
+                    break
+            return OK, prefix
+        return OK, b""
+
+    async def _relay(
+        self,
+        request: Incoming,
+        client: Client,
+        upstream: UpstreamResponse,
+        prefix: bytes,
+        cred: Credential,
+        record: RequestRecord,
+    ) -> None:
+        headers = hdrs.to_client(upstream.headers, _OURS)
+        is_sse = False
+        for name, value in headers:
+            if name.lower() == "content-type":
+                is_sse = value.startswith("text/event-stream")
+                break
+        headers.append(("x-credproxy-credential", cred.label))
+        headers.append(("x-credproxy-attempts", str(record.attempts)))
+        if is_sse and not any(k.lower() == "x-accel-buffering" for k, _ in headers):
+            headers.append(("X-Accel-Buffering", "no"))
+        record.status = upstream.status
+        has_body = upstream.status not in _NO_BODY_STATUSES and request.method != "HEAD"
+        await client.begin(upstream.status, upstream.reason, headers, has_body)
+        if not has_body:
+            await client.end()
+            return
+        scanner = EventScanner() if is_sse else None
+        outlet = client.outlet()
+        try:
+            tail = b""  # the body's last bytes, when the pipe gives them back to go with the end
+            if prefix:
+                self._scan(scanner, cred, prefix)
+                await client.write(prefix)
+            piped = None if outlet is None else upstream.pipe(self._deliverer(scanner, cred, outlet))
+            if piped is None:
+                while chunk := await upstream.read():
+                    self._scan(scanner, cred, chunk)
+                    await client.write(chunk)
+            else:
+                # Both ends are raw protocols: chunks go from the upstream connection's callbacks to the
+                # client's socket, no task switch per chunk. When the client's buffer is full the
+                # upstream stops reading; the client's drain resumes it.
+                assert outlet is not None
+                outlet.on_drain = upstream.resume
+                try:
+                    tail = await piped
+                finally:
+                    outlet.on_drain = None
+                if tail:
+                    self._scan(scanner, cred, tail)
+            await client.end(tail)
+        except StreamBroken as exc:
+            record.outcome, record.error = "stream_broken", str(exc)
+            log.warning("request %s: %s; aborting the client connection", record.request_id, exc)
+            client.abort()
+        except ConnectionError:
+            record.outcome = "client_closed"
+
+    def _scan(self, scanner: EventScanner | None, cred: Credential, chunk: bytes) -> None:
+        if scanner is not None:
+            events = scanner.feed(chunk)
+            if events:
+                self._stream_events(cred, events)
+
+    def _deliverer(self, scanner: EventScanner | None, cred: Credential, outlet: Outlet) -> Deliver:
+        put = outlet.put
+        if scanner is None:
+            return put
+
+        def scan_and_put(chunk: bytes) -> bool:
+            self._scan(scanner, cred, chunk)
+            return put(chunk)
+
+        return scan_and_put
+
+    def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
+        """Late events of a committed stream: a limit error blocks the credential for later requests."""
+        for data in events:
+            info = error_info(parse_json(data))
+            if info is not None and info.code in LIMIT_CODES:
+                verdict = classify(200, {}, info, self._clock.time(), self._pool.state(cred).consecutive_limits)
+                self._pool.block(cred, verdict)
+        for hook in self.stream_event_hooks:
+            hook(cred, events)
+
+    def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        if exc.retry_at is None:
+            return error_response(503, str(exc), "no_credentials", record)
+        wait = max(1, math.ceil(exc.retry_at - self._clock.time()))
+        provider = self._provider(exc.provider)
+        message = f"{exc}; retry in {wait} s"
+        if provider is not None and provider.kind == "codex":
+            body = {
+                "error": {
+                    "type": "usage_limit_reached",
+                    "message": message,
+                    "resets_at": math.ceil(exc.retry_at),
+                    "resets_in_seconds": wait,
+                }
+            }
+        else:
+            body = {
+                "error": {
+                    "message": message,
+                    "type": "rate_limit_exceeded",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            }
+        response = json_response(429, body, record)
+        response.headers["Retry-After"] = str(wait)
+        return response
+
+    def _provider(self, name: str) -> Provider | None:
+        for provider in self._pool.providers():
+            if provider.name == name:
+                return provider
+        return None
+
+
+async def _read_up_to(upstream: UpstreamResponse, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes of the body, and whether that was all of it."""
+    data = b""
+    while len(data) < cap:
+        chunk = await upstream.read()
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+def _lower(items: hdrs.Headers) -> dict[str, str]:
+    """Response headers as a dict with lower-case names (first value wins)."""
+    result: dict[str, str] = {}
+    for name, value in items:
+        result.setdefault(name.lower(), value)
+    return result
+
+
+def json_response(status: int, body: object, record: RequestRecord | None = None) -> web.Response:
+    response = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    if record is not None:
+        response.headers["x-credproxy-attempts"] = str(record.attempts)
+    return response
+
+
+def error_response(status: int, message: str, code: str, record: RequestRecord | None = None) -> web.Response:
+    """A proxy-generated error in OpenAI's shape. ``message`` never contains a secret."""
+    kind = "invalid_request_error" if status < 500 else "proxy_error"
+    return json_response(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, record)

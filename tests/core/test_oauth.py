@@ -1,0 +1,80 @@
+"""Pure table tests: token expiry, the refresh request, and the sorting of token-endpoint answers."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.core import oauth
+from proxy.testing.fake_accounts import fake_jwt
+
+NOW = 1_800_000_000.0
+
+
+def test_jwt_claims_decode_the_payload_without_verifying() -> None:
+    token = fake_jwt({"exp": 123, "https://api.openai.com/auth": {"chatgpt_account_id": "acct-9"}, "email": "a@b.c"})
+    assert oauth.jwt_claims(token)["exp"] == 123
+    assert oauth.account_id_from(token) == "acct-9"
+    assert oauth.email_from(token) == "a@b.c"
+
+
+@pytest.mark.parametrize("token", ["", "opaque-token", "a.b", "a.!!!.c", "a.bm90IGpzb24.c", "a.WzFd.c"])
+def test_tokens_that_are_not_jwts_have_no_claims(token: str) -> None:
+    assert oauth.jwt_claims(token) == {}
+    assert oauth.account_id_from(token) is None
+
+
+@pytest.mark.parametrize(
+    ("expires_ms", "exp", "now", "expected"),
+    [
+        (int((NOW + 3600) * 1000), None, NOW, False),  # an hour left
+        (int((NOW + 299) * 1000), None, NOW, True),  # inside the 5-minute margin
+        (int((NOW - 1) * 1000), None, NOW, True),  # expired
+        (None, NOW + 3600, NOW, False),  # no "expires": the JWT exp decides
+        (None, NOW + 100, NOW, True),
+        (None, None, NOW, False),  # nothing known: no proactive refresh (a 401 will tell)
+        (int((NOW + 3600) * 1000), NOW - 10, NOW, False),  # the file's expires wins over the JWT
+    ],
+)
+def test_needs_refresh(expires_ms: int | None, exp: float | None, now: float, expected: bool) -> None:
+    token = fake_jwt({"exp": int(exp)}) if exp is not None else "opaque"
+    assert oauth.needs_refresh(token, expires_ms, now) is expected
+
+
+def test_the_refresh_body_is_what_codex_sends() -> None:
+    body = orjson.loads(oauth.refresh_body("rt-1", "client-x", "unauthorized_recovery"))
+    assert body == {
+        "client_id": "client-x",
+        "grant_type": "refresh_token",
+        "refresh_reason": "unauthorized_recovery",
+        "refresh_token": "rt-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome", "code"),
+    [
+        (200, {"access_token": "a2", "refresh_token": "r2", "expires_in": 864000}, oauth.RefreshOutcome.OK, ""),
+        (200, {"refresh_token": "r2"}, oauth.RefreshOutcome.TRANSIENT, "malformed_token_response"),
+        (400, {"error": "invalid_grant"}, oauth.RefreshOutcome.PERMANENT, "invalid_grant"),
+        (401, {"error": {"code": "refresh_token_reused"}}, oauth.RefreshOutcome.PERMANENT, "refresh_token_reused"),
+        (400, {"error": {"code": "refresh_token_expired"}}, oauth.RefreshOutcome.PERMANENT, "refresh_token_expired"),
+        (400, {"code": "refresh_token_invalidated"}, oauth.RefreshOutcome.PERMANENT, "refresh_token_invalidated"),
+        (401, {}, oauth.RefreshOutcome.PERMANENT, "unauthorized"),
+        (500, {"error": {"code": "server_error"}}, oauth.RefreshOutcome.TRANSIENT, "server_error"),
+        (503, None, oauth.RefreshOutcome.TRANSIENT, "http_503"),
+        (429, {"error": "slow_down"}, oauth.RefreshOutcome.TRANSIENT, "slow_down"),
+    ],
+)
+def test_classify_refresh(status: int, body: object, outcome: oauth.RefreshOutcome, code: str) -> None:
+    raw = orjson.dumps(body) if body is not None else b"<html>bad gateway</html>"
+    result = oauth.classify_refresh(status, raw, NOW)
+    assert (result.outcome, result.code) == (outcome, code)
+
+
+def test_a_successful_refresh_computes_expiry_from_expires_in_or_the_jwt() -> None:
+    result = oauth.classify_refresh(200, orjson.dumps({"access_token": "a", "expires_in": 60}), NOW)
+    assert (result.access, result.refresh, result.expires_ms) == ("a", "", int((NOW + 60) * 1000))
+    token = fake_jwt({"exp": int(NOW) + 500})
+    result = oauth.classify_refresh(200, orjson.dumps({"access_token": token, "refresh_token": "r"}), NOW)
+    assert (result.refresh, result.expires_ms) == ("r", (int(NOW) + 500) * 1000)

@@ -1,0 +1,152 @@
+"""Secrets never leave: real traffic with canary tokens, then search everything a person could see.
+
+Every token and refresh token in the pool is a canary. Traffic covers a success, an SSE stream, a
+replay after a 429, a 401 that disables a key, every credential blocked (429 from the proxy), an
+OAuth account (usage endpoint, account header) and a malformed request whose header holds a canary.
+Then the canaries are searched for in every log line (every logger, DEBUG and up, text and JSON),
+every response body and header, the status and ``which`` JSON and the metrics text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.app import known_secrets, make_app
+from proxy.config import Logging, load_config
+from proxy.core.selection import fnv1a_utf16
+from proxy.observe import logs
+from proxy.testing.fake_upstream import FakeUpstream, rate_limit, unauthorized, usage_limit
+from tests.conftest import ProxyFactory, RunningProxy, write_json
+
+# Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
+CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
+CANARY_ACCESS = "canaryACCESSdelta5a1f"
+CANARY_REFRESH = "canaryREFRESHecho0c7e"
+CANARIES = (*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH)
+SID = "canary-session"
+FIRST = fnv1a_utf16(SID) % 3
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access = logging.getLogger("aiohttp.access")
+    access_level = access.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    access.setLevel(access_level)
+
+
+class Seen:
+    """Everything a client received."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    async def call(self, p: RunningProxy, method: str, path: str, **kwargs: object) -> int:
+        async with p.request(method, path, **kwargs) as r:
+            body = await r.read()
+            self.parts.append(f"{r.status} {r.reason}")
+            self.parts.extend(f"{k}: {v}" for k, v in r.headers.items())
+            self.parts.append(body.decode("utf-8", "replace"))
+            status: int = r.status
+            return status
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.usefixtures("restore_logging")
+async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory, fake: FakeUpstream, fmt: str) -> None:
+    keys = [{"type": "api_key", "key": k} for k in CANARY_KEYS]
+    account = {"type": "oauth", "access": CANARY_ACCESS, "refresh": CANARY_REFRESH, "accountId": "acct-canary"}
+    p = await proxy(
+        {
+            "openai": keys,
+            "openai-codex": [account, {**account, "access": "x" * 20, "refresh": "y" * 20, "accountId": "acct-2"}],
+        }
+    )
+    stream = io.StringIO()
+    logs.configure(Logging(format=fmt, level="debug"), known=known_secrets(p.app), stream=stream)
+    seen = Seen()
+    body = {"model": "m", "input": "hi"}
+    session = {"X-Session-Id": SID}
+
+    assert await seen.call(p, "POST", "/openai/responses", json=body, headers=session) == 200
+    assert await seen.call(p, "POST", "/openai/responses", json={**body, "stream": True}, headers=session) == 200
+    fake.on(rate_limit(headers={"retry-after": "30"}), token=CANARY_KEYS[FIRST], times=1)
+    assert await seen.call(p, "POST", "/openai/responses", json=body, headers=session) == 200
+    fake.on(unauthorized(), token=CANARY_KEYS[(FIRST + 1) % 3])
+    assert await seen.call(p, "POST", "/openai/responses", json={**body, "stream": True}, headers=session) == 200
+    fake.on(usage_limit(resets_in=600), token=CANARY_KEYS[(FIRST + 2) % 3])
+    assert await seen.call(p, "POST", "/openai/responses", json=body, headers=session) == 429
+    assert await seen.call(p, "POST", "/codex/responses", json={**body, "stream": True}, headers=session) == 200
+    fake.on(usage_limit(resets_in=600))
+    assert await seen.call(p, "POST", "/codex/responses", json=body) == 429
+    assert await seen.call(p, "GET", "/openai/models", headers={"Authorization": "Bearer client-own-token"}) == 429
+
+    # A malformed request whose overlong header starts with a canary: aiohttp's 400 quotes the start of
+    # the line back to the client that sent it (its own bytes, so not kept in `seen`); the log must not.
+    host, port = p.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /openai/models HTTP/1.1\r\nHost: x\r\nX-Leak: " + CANARY_KEYS[0].encode() * 1000 + b"\r\n\r\n")
+    await writer.drain()
+    assert b" 400 " in await asyncio.wait_for(reader.read(10000), 10)
+    writer.close()
+
+    label = f"openai%23{FIRST + 1}"
+    assert await seen.call(p, "POST", f"/_credproxy/credentials/{label}/unblock") == 200
+    for path in ("/_credproxy/status", "/_credproxy/metrics", f"/_credproxy/which?session={SID}&provider=openai"):
+        assert await seen.call(p, "GET", path) == 200
+
+    # The traffic really used the canaries, and the logs really saw the requests.
+    assert set(fake.tokens()) >= set(CANARY_KEYS) | {CANARY_ACCESS}
+    assert any(r.token == CANARY_ACCESS for r in fake.control)  # the usage endpoint was asked with the account
+    log_text = stream.getvalue()
+    assert log_text.count("/openai/responses") >= 5
+    assert "limited" in log_text
+    assert "disabled" in log_text
+    assert "refused a malformed request: LineTooLong" in log_text
+    everything = log_text + "\n".join(seen.parts)
+    for canary in CANARIES:
+        assert canary not in everything, canary
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_redis_password_and_client_tokens_are_masked_in_every_log_line(tmp_path: Path) -> None:
+    """Neither is shaped like a credential: only the process's own list of its secrets can mask them."""
+    password, client_token = "canaryREDISfoxtrot3d2e", "canaryCLIENTgolf8b1a"
+    write_json(tmp_path / "auth.json", {"openai": [{"type": "api_key", "key": CANARY_KEYS[0]}]})
+    config = write_json(
+        tmp_path / "config.json",
+        {
+            "credentials_file": "auth.json",
+            "providers": {"openai": {"mount": "/openai", "upstream": "http://127.0.0.1:9/v1"}},
+            "state": {"backend": "redis", "url": f"redis://:{password}@127.0.0.1:9/0"},
+            "security": {"client_tokens": [client_token]},
+        },
+    )
+    app = make_app(load_config(config))
+    stream = io.StringIO()
+    logs.configure(Logging(level="debug"), known=known_secrets(app), stream=stream)
+    log = logging.getLogger("redis.connection")
+    log.warning("AUTH %s failed", password)
+    try:
+        raise ConnectionError(f"redis://:{password}@127.0.0.1:9/0 refused; client {client_token}")
+    except ConnectionError:
+        log.exception("the Redis state sync failed")
+    logging.getLogger("credproxy").info("key %s token %s", CANARY_KEYS[0], client_token)
+    logging.getLogger().handlers[0].flush()
+    written = stream.getvalue()
+    assert written.count("***") >= 5
+    for secret in (password, client_token, CANARY_KEYS[0]):
+        assert secret not in written
