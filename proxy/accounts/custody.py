@@ -45,6 +45,7 @@ import aiohttp
 from filelock import FileLock, Timeout
 
 from proxy.core import oauth
+from proxy.core.backoff import backoff
 from proxy.core.clock import Clock
 from proxy.core.credentials import Credential, entries, parse_credentials
 from proxy.core.pool import Pool
@@ -210,7 +211,7 @@ class Custodian:
     def _transient(self, cred: Credential, code: str, reason: str) -> Credential | None:
         failures = self._failures.get(cred.id, 0) + 1
         self._failures[cred.id] = failures
-        wait = min(RETRY_FIRST * 2 ** (failures - 1), RETRY_MAX)
+        wait = backoff(failures, RETRY_FIRST, RETRY_MAX)
         now = self._clock.time()
         self._retry_at[cred.id] = now + wait
         self._pool.failed(cred, f"refresh_failed:{code}")

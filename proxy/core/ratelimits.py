@@ -36,6 +36,8 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from proxy.core.backoff import backoff
+
 LIMIT_CODES = frozenset({"usage_limit_reached", "usage_not_included", "rate_limit_exceeded", "insufficient_quota"})
 ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included"})
 CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
@@ -147,7 +149,7 @@ def _limited(code: str, headers: Mapping[str, str], error: ErrorInfo | None, now
 
 def default_cooldown(consecutive: int) -> float:
     """60 s, doubling with each consecutive limit without a hint, at most 30 min."""
-    return min(DEFAULT_COOLDOWN * float(2 ** min(max(consecutive, 0), 10)), MAX_COOLDOWN)
+    return backoff(consecutive + 1, DEFAULT_COOLDOWN, MAX_COOLDOWN)
 
 
 def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) -> tuple[float, str, bool] | None:

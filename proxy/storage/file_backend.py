@@ -28,6 +28,7 @@ from typing import Any
 
 from proxy.accounts.custody import Custodian
 from proxy.config import Config
+from proxy.core.backoff import backoff
 from proxy.core.clock import Clock
 from proxy.core.credential_state import Entry, expire, merge
 from proxy.core.credentials import Credential, parse_credentials
@@ -183,7 +184,7 @@ class FileSync:
         except CredproxyError as exc:
             self._dirty |= dirty
             self._failures += 1
-            delay = min(2.0 ** (self._failures - 1), RETRY_MAX)
+            delay = backoff(self._failures, 1.0, RETRY_MAX)
             self._retry_at = self._clock.monotonic() + delay
             if self.write_error != str(exc):
                 log.error("cannot persist credential state (%s); serving from memory, retrying", exc)

@@ -44,6 +44,7 @@ from redis.exceptions import RedisError, WatchError
 
 from proxy.accounts.custody import Custodian
 from proxy.config import Config
+from proxy.core.backoff import backoff
 from proxy.core.clock import Clock
 from proxy.core.credential_state import Entry, expire, merge
 from proxy.core.credentials import Credential
@@ -92,7 +93,7 @@ class RedisState:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._delay = RETRY_FIRST
+        self._failures = 0
         self._pulled = 0.0
         self.received = 0
         pool.listeners.append(self._changed)
@@ -135,8 +136,8 @@ class RedisState:
             except* Exception:
                 log.exception("the Redis state sync failed; restarting it")
             self._ready.set()  # serve without Redis rather than wait for it
-            await asyncio.sleep(self._delay)
-            self._delay = min(self._delay * 2, RETRY_MAX)
+            self._failures += 1
+            await asyncio.sleep(backoff(self._failures, RETRY_FIRST, RETRY_MAX))
 
     async def _session(self) -> None:
         """Subscribe, resynchronise, then follow both directions until Redis fails."""
@@ -151,7 +152,7 @@ class RedisState:
             await self._reconcile_tokens()
             self.link.restored()
             self._ready.set()
-            self._delay = RETRY_FIRST
+            self._failures = 0
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._listen(pubsub))
                 group.create_task(self._follow())
