@@ -101,6 +101,7 @@ def make_app(
     app[GUARD] = guard
     app[METRICS] = metrics
     app[STATE] = backend
+    forwarder.secrets = known_secrets(app)
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
@@ -152,8 +153,8 @@ class _NotStarted:
 
 
 def known_secrets(app: web.Application) -> Callable[[], list[str]]:
-    """Every secret value the process holds, for the log redaction filter: the credentials' tokens (as
-    they rotate), the client tokens and the Redis password."""
+    """Every secret value the process holds, for the log redaction filter and the masking of relayed
+    answers: the credentials' tokens (as they rotate), the client tokens and the Redis password."""
     pool, guard = app[POOL], app[GUARD]
     password = URL(app[CONFIG].state.url).password if app[CONFIG].state.url else None
     fixed = [password] if password else []

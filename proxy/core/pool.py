@@ -23,6 +23,7 @@ from proxy.core.clock import Clock
 from proxy.core.credential_state import Entry, merge
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
+from proxy.core.secret import public_code
 from proxy.core.usage import UsageSnapshot, exhausted_until, highest_percent
 from proxy.errors import NoCredentialAvailable
 
@@ -199,10 +200,10 @@ class Pool:
             if state.blocked_until <= now:
                 state.blocked_since = now
             state.blocked_until = verdict.until
-            state.block_reason = verdict.reason
+            state.block_reason = public_code(verdict.reason, self.secrets())
         state.attention = state.attention or verdict.attention
         state.consecutive_limits += 1
-        state.last_error = verdict.reason
+        state.last_error = public_code(verdict.reason, self.secrets())
         self._changed(cred, state)
 
     def disable(self, cred: Credential, reason: str) -> None:
@@ -211,7 +212,7 @@ class Pool:
         state.disabled_since = self._clock.time()
         state.disabled_token = cred.fingerprint
         state.attention = True
-        state.last_error = reason
+        state.last_error = public_code(reason, self.secrets())
         self._changed(cred, state)
 
     def record_usage(self, cred: Credential, snapshot: UsageSnapshot, block: bool = True) -> None:
@@ -242,8 +243,8 @@ class Pool:
             self._changed(cred, state)
 
     def failed(self, cred: Credential, reason: str) -> None:
-        """Record an error that does not change the credential's availability."""
-        self._state[cred.id].last_error = reason
+        """Record an error that does not change the credential's availability (as a code: see ``public_code``)."""
+        self._state[cred.id].last_error = public_code(reason, self.secrets())
 
     def unblock(self, cred: Credential) -> None:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""

@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import orjson
 from aiohttp import web
@@ -25,6 +25,7 @@ from proxy.core import headers as hdrs
 from proxy.core.clock import Clock
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.core.credentials import Credential
+from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
 from proxy.core.replay import Action, ReplayPlan, action_for
@@ -74,6 +75,8 @@ class Forwarder:
         self._id_prefix = os.urandom(3).hex()
         self.observers: list[Observer] = []
         self.stream_event_hooks: list[StreamEventHook] = []
+        #: Every secret the process holds (``proxy.app.known_secrets``): masked in what is relayed.
+        self.secrets: Callable[[], Sequence[str]] = tuple
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler (the catch-all route, and the server's path for what the fast server hands on)."""
@@ -288,7 +291,10 @@ class Forwarder:
         cred: Credential,
         record: RequestRecord,
     ) -> None:
-        headers = hdrs.to_client(upstream.headers, _OURS)
+        known = self.secrets()
+        headers, reason = mask_head(hdrs.to_client(upstream.headers, _OURS), upstream.reason, known)
+        if prefix and upstream.status >= 400:  # a buffered error body (see proxy/core/masking.py)
+            headers, prefix = mask_body(headers, prefix, len(prefix) < MAX_ERROR_BODY, known)
         is_sse = False
         for name, value in headers:
             if name.lower() == "content-type":
@@ -300,7 +306,7 @@ class Forwarder:
             headers.append(("X-Accel-Buffering", "no"))
         record.status = upstream.status
         has_body = upstream.status not in _NO_BODY_STATUSES and request.method != "HEAD"
-        await client.begin(upstream.status, upstream.reason, headers, has_body)
+        await client.begin(upstream.status, reason, headers, has_body)
         if not has_body:
             await client.end()
             return

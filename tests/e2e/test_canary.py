@@ -15,14 +15,25 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
+from aiohttp import web
 
 from proxy.app import known_secrets, make_app
 from proxy.config import Logging, load_config
+from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.observe import logs
-from proxy.testing.fake_upstream import FakeUpstream, rate_limit, unauthorized, usage_limit
-from tests.conftest import ProxyFactory, RunningProxy, write_json
+from proxy.testing.fake_upstream import (
+    FakeUpstream,
+    Recorded,
+    Responder,
+    json_body,
+    rate_limit,
+    unauthorized,
+    usage_limit,
+)
+from tests.conftest import ProxyFactory, RunningProxy, run_credproxy, write_json
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
@@ -150,3 +161,101 @@ def test_the_redis_password_and_client_tokens_are_masked_in_every_log_line(tmp_p
     assert written.count("***") >= 5
     for secret in (password, client_token, CANARY_KEYS[0]):
         assert secret not in written
+
+
+def reflect(status: int, reason: str | None = None, padding: int = 0) -> Responder:
+    """An upstream that hands back what it was sent: the Authorization header, and the key in its error body."""
+
+    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        auth = recorded.header("authorization") or ""
+        body = {
+            "error": {
+                "message": f"Incorrect API key provided: {recorded.token}; also sk-notOurs0123456789",
+                "type": "invalid_request_error",
+                "code": auth,
+                "padding": "x" * padding,
+            }
+        }
+        headers = {"X-Echo-Authorization": auth, "X-Request-Id": "req_123"}
+        return web.Response(
+            status=status, reason=reason, body=orjson.dumps(body), content_type="application/json", headers=headers
+        )
+
+    return respond
+
+
+async def test_an_upstream_that_reflects_the_credential_hands_the_client_none(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """Headers, the reason phrase and a buffered error body are masked; Content-Length follows; the
+    upstream did get the real key. A 200's body is a committed stream: relayed as is (README)."""
+    p = await proxy({"openai": [{"type": "api_key", "key": CANARY_KEYS[0]}]})
+    fake.on(reflect(200), path="/models")
+    fake.on(reflect(400, reason=f"Bad {CANARY_KEYS[0]}"), path="/responses")
+    fake.on(reflect(404, padding=300 * 1024), path="/files")  # larger than the error body buffer
+
+    async with p.post("/openai/responses", json={"model": "m"}) as r:
+        body = await r.read()
+        assert r.status == 400
+        assert r.reason == "Bad ***"
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert r.headers["X-Request-Id"] == "req_123"
+        assert int(r.headers["Content-Length"]) == len(body)
+        error = orjson.loads(body)["error"]
+        assert error["message"] == "Incorrect API key provided: ***; also ***"
+        assert error["code"] == "Bearer ***"
+    async with p.get("/openai/models") as r:
+        assert r.status == 200
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert CANARY_KEYS[0] in (await r.read()).decode()  # a committed stream is not rewritten
+    async with p.get("/openai/files") as r:
+        body = await r.read()
+        assert r.status == 404
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert "Content-Length" not in r.headers  # the rest followed unbuffered: chunked
+        assert CANARY_KEYS[0] not in body.decode()
+        assert len(orjson.loads(body)["error"]["padding"]) == 300 * 1024
+    assert [r.token for r in fake.records] == [CANARY_KEYS[0]] * 3
+
+
+async def test_status_shows_codes_never_the_upstreams_text(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    """An error code that echoes the key, a token endpoint that quotes the refresh token: neither reaches
+    status (JSON or `credproxy status`), the state view or the state file; the codes that can be read do."""
+    expiring = int((clock.time() + 120) * 1000)  # inside the refresh margin, still valid: served after the failure
+    account = {"type": "oauth", "label": "acct", "access": CANARY_ACCESS, "refresh": CANARY_REFRESH}
+    p = await proxy(
+        {
+            "openai": [{"type": "api_key", "label": k[9:14], "key": k} for k in CANARY_KEYS[:2]],
+            "openai-codex": [{**account, "expires": expiring, "accountId": "acct-canary"}],
+        }
+    )
+    fake.control_routes["/oauth/token"] = json_body(
+        400, {"error": f"invalid_grant: refresh_token {CANARY_REFRESH} is not valid"}
+    )
+    fake.on(json_body(429, {"error": {"code": f"Bearer {CANARY_KEYS[0]}"}}), token=CANARY_KEYS[0])
+    fake.on(json_body(400, {"error": {"code": f"{CANARY_KEYS[1]}", "message": "no"}}), token=CANARY_KEYS[1])
+    async with p.post("/openai/responses", json={"model": "m"}, headers={"session-id": "s"}) as r:
+        assert r.status == 400
+    async with p.post("/codex/responses", json={"model": "m"}) as r:
+        assert r.status == 200
+    assert any(r.path.endswith("/oauth/token") for r in fake.control)
+
+    async with p.get("/_credproxy/status") as r:
+        status = (await r.read()).decode()
+    async with p.get("/_credproxy/state") as r:
+        state = (await r.read()).decode()
+    code, printed, err = await run_credproxy("status", "--url", p.url)
+    assert code == 0, err
+    await p.stop()  # the state file is written
+    state_file = (p.credentials_file.parent / "auth.state.json").read_text()
+    for canary in CANARIES:
+        for text in (status, state, printed, state_file):
+            assert canary not in text, canary
+    creds = {c["label"]: c for prov in orjson.loads(status)["providers"] for c in prov["credentials"]}
+    assert creds["alpha"]["last_error"] == "unrecognised_error"
+    assert creds["alpha"]["reason"] == "unrecognised_error"
+    assert creds["bravo"]["last_error"] == "unrecognised_error"
+    assert creds["acct"]["last_error"] == "refresh_failed:invalid_grant"
+    assert "refresh_failed:invalid_grant" in printed
