@@ -8,16 +8,21 @@ reach it. Requests a client library would not send go over a raw socket.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from proxy.app import known_secrets
+from proxy.config import Logging
 from proxy.core.guard import Guard
 from proxy.core.secret import Secret
+from proxy.observe import logs
 from proxy.observe.logs import RedactingFilter
 from proxy.testing.fake_upstream import FakeUpstream, ok
 from tests.conftest import ProxyFactory, RunningProxy, keys
@@ -359,3 +364,45 @@ def test_the_log_filter_masks_client_tokens_that_have_no_known_shape() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "client sent %s", (custom,), None)
     assert RedactingFilter(known=guard.secrets).filter(record)
     assert custom not in record.getMessage()
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """credproxy's own text log (``logs.configure``), restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access_level = logging.getLogger("aiohttp.access").level
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(access_level)
+
+
+async def test_a_path_cannot_forge_a_log_line_or_reach_the_terminal(
+    proxy: ProxyFactory, fake: FakeUpstream, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """Refused without a token, refused by Host, and served: every line the requests cause is one line,
+    its control bytes shown as \\xNN."""
+    p = await with_tokens(proxy, tmp_path)
+    handler = logs.configure(Logging(), known=known_secrets(p.app), stream=log_stream)
+    forged = "%0a2026-01-01%2000:00:00,000%20INFO%20credproxy.access%20forged%1b[2J%7f"
+    attempts = [
+        request("GET", f"/openai/models{forged}", "Host: 127.0.0.1"),
+        request("GET", f"/_credproxy/status{forged}", "Host: evil.example"),
+        # No %0a here: aiohttp's router matches no route for a path with a line break (a plain 404, no log).
+        request("GET", "/openai/models%1b[2J%7f", "Host: 127.0.0.1", f"Authorization: Bearer {TOKEN}"),
+    ]
+    answers = [await raw_exchange(p, data) for data in attempts]
+    assert [status_of(a) for a in answers] == [401, 403, 200], answers
+    assert [r.target for r in fake.records] == ["/v1/models%1b[2J%7f"]  # forwarded as sent
+    handler.flush()
+    text = log_stream.getvalue()
+    lines = text.splitlines()
+    assert len([line for line in lines if "/openai/models" in line or "/_credproxy/status" in line]) == 3
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+    assert all(line.isprintable() for line in lines)
+    assert "\x1b" not in text

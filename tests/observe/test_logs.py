@@ -154,6 +154,37 @@ def test_secrets_in_a_path_or_an_error_are_masked_on_both_ways(stream: Writes, f
         assert first["tried"] == ["***"]
 
 
+def test_client_text_is_escaped_in_text_lines_both_ways(stream: Writes) -> None:
+    """A decoded ``%0a`` cannot start a forged line, nor ``%1b[2J`` reach the terminal; a traceback keeps
+    its own line breaks."""
+    forged = "\n2026-01-01 00:00:00,000 INFO credproxy.access forged\x1b[2J\x00\x7f\x85\u2028\udcff"
+    direct, through_logging = both_ways(stream, logs.AccessLog(), record(path=f"/openai/x{forged}", error=forged))
+    for text in (direct, through_logging):
+        [line] = text.splitlines()
+        assert "/openai/x\\x0a2026-01-01 00:00:00,000 INFO credproxy.access forged\\x1b[2J\\x00\\x7f\\x85" in line
+        assert "\\u2028\\udcff" in line
+        assert line.isprintable()
+    stream.seek(0)
+    stream.truncate()
+    handler = configure(stream)
+    log = logging.getLogger("credproxy.test")
+    log.warning("refused GET %s", f"/x{forged}")
+    try:
+        raise ValueError(f"bad path /x{forged}")
+    except ValueError:
+        log.exception("failed on %s", "/y\x1b[2J")
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert [line[24:] for line in lines if line[:1].isdigit()] == [
+        "WARNING credproxy.test refused GET /x\\x0a2026-01-01 00:00:00,000 INFO credproxy.access "
+        "forged\\x1b[2J\\x00\\x7f\\x85\\u2028\\udcff",
+        "ERROR credproxy.test failed on /y\\x1b[2J",
+    ]
+    assert "Traceback (most recent call last):" in lines
+    assert "ValueError: bad path /x\\x0a2026-01-01" in stream.getvalue()
+    assert all(line.isprintable() for line in lines)
+
+
 def test_a_caplog_style_handler_sees_the_access_records(stream: Writes) -> None:
     configure(stream)
     seen: list[logging.LogRecord] = []
