@@ -19,6 +19,14 @@ path (absolute-form ``http://evil.example/...``, ``CONNECT host:443``, ``OPTIONS
    POST, including the "simple" ``text/plain`` POST that needs no preflight; the response would be
    unreadable, but the credential's quota would be spent. Any request carrying ``Origin`` is refused
    unless that exact origin is in ``security.allowed_origins``. credproxy never sends a CORS header.
+   A page's GETs may carry no ``Origin`` at all (``<img src=http://127.0.0.1:8787/openai/models>``, a
+   link or a script that navigates to ``/_credproxy/status``), but browsers mark every request with
+   ``Sec-Fetch-Site``: ``cross-site`` or ``same-site`` (another port of ``localhost`` is the same
+   site) is refused like a foreign ``Origin``, unless the request carries an allowed ``Origin``
+   (an allowed page's ``fetch()``). ``same-origin`` and ``none`` (the user typed the address) pass.
+   ``Sec-Fetch-Mode: navigate`` (a page load, in a tab or a frame) is refused on every path but
+   credproxy's own ``/_credproxy/`` endpoints: no client of a model API navigates, and a typed address
+   must not spend a credential either. Probes (Docker, curl) send no ``Sec-Fetch-*`` header.
 3. **Client token** (401), when tokens are configured: ``Authorization: Bearer <token>`` or
    ``x-credproxy-token: <token>``. Both sides are hashed with SHA-256 and compared with
    :func:`hmac.compare_digest` on bytes, so odd input (non-ASCII, lone surrogates from invalid UTF-8,
@@ -44,6 +52,9 @@ from proxy.core.secret import Secret
 
 TOKEN_HEADER = "x-credproxy-token"  # noqa: S105 (a header name)
 HEALTH_PATH = "/_credproxy/health"
+ADMIN_PATHS = "/_credproxy/"
+#: ``Sec-Fetch-Site`` values of a request a page on another origin made.
+OTHER_SITES = frozenset({"cross-site", "same-site"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "localhost.", "[::1]"})
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 1024
@@ -78,6 +89,17 @@ BAD_ORIGIN = Refusal(
     403,
     "origin_not_allowed",
     "requests from web pages (an Origin header) are refused; add the origin to security.allowed_origins",
+)
+CROSS_SITE = Refusal(
+    403,
+    "cross_site_request",
+    "requests from web pages of other sites (Sec-Fetch-Site: cross-site or same-site) are refused; "
+    "a page's fetch() passes only with its Origin in security.allowed_origins",
+)
+NAVIGATION = Refusal(
+    403,
+    "navigation_refused",
+    "a browser navigation (Sec-Fetch-Mode: navigate) to a proxied path is refused; use an API client",
 )
 BAD_TOKEN = Refusal(
     401,
@@ -134,8 +156,12 @@ class Guard:
         origin: str | None,
         authorization: str | None,
         token: str | None,
+        *,
+        fetch_site: str | None,
+        fetch_mode: str | None,
     ) -> Refusal | None:
-        """``None`` when the request may proceed, else why not. Header values as received (or ``None``)."""
+        """``None`` when the request may proceed, else why not. Header values as received (or ``None``);
+        ``fetch_site`` and ``fetch_mode`` are ``Sec-Fetch-Site`` and ``Sec-Fetch-Mode``."""
         if version < (1, 0):
             return HTTP09
         if not raw_path.startswith("/"):
@@ -144,8 +170,13 @@ class Guard:
             return NO_HOST
         if not self.host_allowed(host):
             return BAD_HOST
-        if origin is not None and origin.lower() not in self._origins:
-            return BAD_ORIGIN
+        if origin is not None:
+            if origin.lower() not in self._origins:
+                return BAD_ORIGIN
+        elif fetch_site is not None and fetch_site.lower() in OTHER_SITES:
+            return CROSS_SITE
+        if fetch_mode is not None and fetch_mode.lower() == "navigate" and not raw_path.startswith(ADMIN_PATHS):
+            return NAVIGATION
         if self._digests and not self.token_ok(authorization, token) and raw_path.partition("?")[0] != HEALTH_PATH:
             return BAD_TOKEN
         return None

@@ -389,6 +389,8 @@ class FastConnection(asyncio.Protocol):
             head.first.get("origin"),
             head.first.get("authorization"),
             head.first.get(_TOKEN),
+            fetch_site=head.first.get("sec-fetch-site"),
+            fetch_mode=head.first.get("sec-fetch-mode"),
         )
         if refusal is not None:
             peer = self._transport.get_extra_info("peername") if self._transport is not None else None

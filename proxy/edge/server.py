@@ -101,6 +101,8 @@ def guarded(handler: Handler, guard: Guard, direct: RouteHandler | None = None) 
             headers.get("Origin"),
             headers.get("Authorization"),
             headers.get(TOKEN_HEADER),
+            fetch_site=headers.get("Sec-Fetch-Site"),
+            fetch_mode=headers.get("Sec-Fetch-Mode"),
         )
         if refusal is None:
             if direct is not None and _outside_the_router(request.raw_path) and EXPECT not in headers:

@@ -406,3 +406,46 @@ async def test_a_path_cannot_forge_a_log_line_or_reach_the_terminal(
     assert not [line for line in lines if line.startswith("2026-01-01")]
     assert all(line.isprintable() for line in lines)
     assert "\x1b" not in text
+
+
+IMG = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+LINK = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+TYPED = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "code"),
+    [
+        ("/openai/models", IMG, "cross_site_request"),  # <img src=http://127.0.0.1:8787/openai/models>
+        ("/openai/models", {**IMG, "Sec-Fetch-Site": "same-site"}, "cross_site_request"),  # from localhost:3000
+        ("/_credproxy/status", LINK, "cross_site_request"),  # a top-level navigation from another site
+        ("/_credproxy/which?session=s", LINK, "cross_site_request"),
+        ("/_credproxy/health", IMG, "cross_site_request"),
+        ("/openai/models", TYPED, "navigation_refused"),  # even typed: no model API client navigates
+        ("/openai/models", {**LINK, "Sec-Fetch-Site": "same-origin"}, "navigation_refused"),
+    ],
+)
+async def test_a_page_without_origin_is_refused_by_its_sec_fetch_headers(
+    proxy: ProxyFactory, fake: FakeUpstream, path: str, headers: dict[str, str], code: str
+) -> None:
+    """No token configured (the default): nothing but these headers tells the page's request apart."""
+    p = await proxy(keys(*KEYS))
+    async with p.get(path, headers=headers) as r:
+        assert r.status == 403
+        assert (await r.json())["error"]["code"] == code
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+    assert untouched(fake)
+
+
+async def test_probes_api_clients_and_a_typed_admin_address_still_pass(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(keys(*KEYS))
+    for path, headers in [
+        ("/_credproxy/health", {}),  # a probe sends no Sec-Fetch-* header
+        ("/_credproxy/health", TYPED),
+        ("/_credproxy/status", TYPED),
+        ("/openai/models", {}),
+        ("/openai/models", {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}),
+    ]:
+        async with p.get(path, headers=headers) as r:
+            assert r.status == 200, (path, headers)
+    assert [r.path for r in fake.records] == ["/v1/models", "/v1/models"]
