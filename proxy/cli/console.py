@@ -220,6 +220,25 @@ def render_which(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def which_everywhere(base: str, token: str | None, session: str | None) -> tuple[list[Any], list[str]]:
+    """``which`` on every provider of the proxy at ``base`` that has credentials; also the names of
+    those that have none."""
+    status = get_json(base, "/status", token)
+    names = [p["name"] for p in status["providers"] if p["credentials"]]
+    empty = [p["name"] for p in status["providers"] if not p["credentials"]]
+    docs = [get_json(base, "/which", token, {"session": session or "", "provider": name}) for name in names]
+    return docs, empty
+
+
+def render_which_all(docs: list[Any], empty: list[str]) -> str:
+    """:func:`render_which` of each provider; a provider without credentials gets a line."""
+    parts = [render_which(doc) for doc in docs]
+    parts.extend(f"provider {name}: no credentials (every request gets 503)" for name in empty)
+    if len(docs) > 1:
+        parts.append("(--provider NAME shows one provider)")
+    return "\n\n".join(parts)
+
+
 # check ---------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.accounts.preflight import Accounts
 from proxy.config import Config, Provider
 from proxy.core import headers as hdrs
-from proxy.core.clock import Clock
+from proxy.core.clock import Clock, readable_until
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.core.credentials import Credential
 from proxy.core.masking import mask_body, mask_head
@@ -202,10 +202,10 @@ class Forwarder:
             if action is Action.BLOCK:
                 self._pool.block(cred, verdict)
                 log.info(
-                    "credential %s limited (%s) until %.0f (from %s); trying the next one",
+                    "credential %s limited (%s) until %s (from %s); trying the next one",
                     cred.label,
                     verdict.reason,
-                    verdict.until,
+                    readable_until(verdict.until, self._clock.time()),
                     verdict.source,
                 )
             elif action is Action.DISABLE:

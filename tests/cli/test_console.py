@@ -82,6 +82,30 @@ async def test_status_and_which_find_the_proxy_through_its_config(proxy: ProxyFa
     assert f"at http://127.0.0.1:{port}," in out
 
 
+async def test_which_without_a_provider_shows_every_provider_and_names_the_flag(proxy: ProxyFactory) -> None:
+    """Two providers with credentials: no error about a query parameter, the order in each of them."""
+    account = {"type": "oauth", "label": "acct", "access": "at-console-0001", "refresh": "rt-console-0001"}
+    p = await proxy({**keys(*KEYS), "openai-codex": [{**account, "accountId": "acct-1"}]})
+    code, out, err = await credproxy("which", "--url", p.url, "--session", "my-session")
+    assert code == 0, err
+    assert "provider=" not in out + err
+    first = fnv1a_utf16("my-session") % 2
+    blocks = out.split("\n\n")
+    assert blocks[0].splitlines()[0].endswith("on provider openai (selector: hashed):")
+    assert blocks[0].splitlines()[2].split()[:2] == ["1", f"openai#{first + 1}"]
+    assert blocks[1].splitlines()[0].endswith("on provider openai-codex (selector: hashed):")
+    assert blocks[1].splitlines()[2].split()[:2] == ["1", "acct"]
+    assert blocks[2] == "(--provider NAME shows one provider)\n"
+
+    code, out, _ = await credproxy("which", "--url", p.url, "--session", "my-session", "--json")
+    assert code == 0
+    assert [doc["provider"] for doc in orjson.loads(out)] == ["openai", "openai-codex"]
+    code, out, _ = await credproxy("which", "--url", p.url, "--session", "my-session", "--provider", "openai-codex")
+    assert code == 0
+    assert "on provider openai-codex" in out
+    assert "on provider openai " not in out
+
+
 def test_an_unreachable_proxy_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
     out, err = capsys.readouterr()
