@@ -5,14 +5,19 @@ file's lock and written atomically: an OAuth account already there (same ``accou
 with the source's tokens, an API key already there is left as it is, anything else is appended.
 
 Refresh tokens are single-use: once credproxy refreshes an imported account, the copy in the
-source file is dead. The command says so; the user should let credproxy own the account (and log
-the other tool in again if it must keep working on its own).
+source file is dead. The command says so when it imported an OAuth account (an API key stays valid
+in both places); the user should let credproxy own the account (and log the other tool in again if
+it must keep working on its own).
+
+Every imported credential gets a label: an account its e-mail address (or ``codex-<account id>``), a
+Codex CLI's ``OPENAI_API_KEY`` ``codex-api-key``, so status and logs do not name it ``openai#4``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,20 @@ from proxy.errors import ConfigError
 from proxy.storage import files
 
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._@+#:-]")
+CODEX_KEY_LABEL = "codex-api-key"
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What happened to one credential of the source: ``added``, ``updated`` or ``unchanged``."""
+
+    result: str
+    provider: str
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.result}: {self.provider} {self.kind} {self.name}"
 
 
 def codex_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -44,7 +63,7 @@ def codex_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]
         yield "openai-codex", entry
     key = doc.get("OPENAI_API_KEY")
     if isinstance(key, str) and key:
-        yield "openai", {"type": "api_key", "key": key}
+        yield "openai", {"type": "api_key", "label": CODEX_KEY_LABEL, "key": key}
     if not (isinstance(tokens, dict) and tokens.get("refresh_token")) and not key:
         raise ConfigError(path, "tokens", "no ChatGPT tokens and no OPENAI_API_KEY: log in with `codex login` first")
 
@@ -65,15 +84,18 @@ def _label(text: str) -> str:
 
 
 def merge_entry(doc: dict[str, Any], provider: str, new: dict[str, Any]) -> str:
-    """Add or update ``new`` in ``doc``; returns ``"added"``, ``"updated"`` or ``"unchanged"``."""
+    """Add or update ``new`` in ``doc``; returns ``"added"``, ``"updated"`` or ``"unchanged"``. ``new``'s label
+    becomes the one the file holds it under (an existing entry's, or a new one when its own is taken)."""
     value = doc.get(provider)
     existing: list[Any] = value if isinstance(value, list) else ([value] if isinstance(value, dict) else [])
     for entry in existing:
         if not isinstance(entry, dict) or entry.get("type") != new.get("type"):
             continue
         if new["type"] == "api_key" and entry.get("key") == new.get("key"):
+            _same_label(new, entry)
             return "unchanged"
         if new["type"] == "oauth" and new.get("accountId") and entry.get("accountId") == new.get("accountId"):
+            _same_label(new, entry)
             before = dict(entry)
             for field in ("access", "refresh", "expires"):
                 if field in new:
@@ -91,8 +113,22 @@ def merge_entry(doc: dict[str, Any], provider: str, new: dict[str, Any]) -> str:
     return "added"
 
 
+def _same_label(new: dict[str, Any], entry: dict[str, Any]) -> None:
+    if entry.get("label"):
+        new["label"] = entry["label"]
+    else:
+        new.pop("label", None)
+
+
 def import_accounts(source: Path, kind: str, credentials_file: Path, providers: list[str] | None = None) -> list[str]:
     """Merge the accounts of ``source`` into ``credentials_file``; returns one line per credential."""
+    return [str(item) for item in import_report(source, kind, credentials_file, providers)]
+
+
+def import_report(
+    source: Path, kind: str, credentials_file: Path, providers: list[str] | None = None
+) -> list[Imported]:
+    """Merge the accounts of ``source`` into ``credentials_file``; returns what happened to each."""
     try:
         raw = source.read_bytes()
     except OSError as exc:
@@ -103,17 +139,16 @@ def import_accounts(source: Path, kind: str, credentials_file: Path, providers: 
         found = [(p, e) for p, e in found if p in providers]
     if not found:
         raise ConfigError(source, "", "no credentials credproxy can use were found in it")
-    lines: list[str] = []
+    report: list[Imported] = []
 
     def change(doc: dict[str, Any]) -> bool:
-        lines.clear()
-        results = []
+        report.clear()
         for provider, entry in found:
-            result = merge_entry(doc, provider, dict(entry))
-            results.append(result)
-            name = entry.get("label") or entry.get("accountId") or entry["type"]
-            lines.append(f"{result}: {provider} {entry['type']} {name}")
-        return any(r != "unchanged" for r in results)
+            merged = dict(entry)
+            result = merge_entry(doc, provider, merged)
+            name = merged.get("label") or merged.get("accountId") or merged["type"]
+            report.append(Imported(result, provider, entry["type"], name))
+        return any(item.result != "unchanged" for item in report)
 
     files.update_document(credentials_file, change, missing_ok=True)
-    return lines
+    return report

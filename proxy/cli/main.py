@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from proxy import __version__
-from proxy.accounts.importer import import_accounts
+from proxy.accounts.importer import import_report
 from proxy.app import POOL, known_secrets, make_app, serve
 from proxy.cli import console, demo
 from proxy.config import check_listen, is_loopback, load_config
@@ -161,13 +161,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         target = Path(args.credentials).expanduser().resolve()
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for line in import_accounts(source, args.kind, target, providers):
-        print(line)
+    report = import_report(source, args.kind, target, providers)
+    for item in report:
+        print(item)
     print(f"credentials file: {target} (unchanged source: {source})")
-    print(
-        "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
-        f"{source} stops working: let credproxy own the account, or log the other tool in again."
-    )
+    if any(item.kind == "oauth" for item in report):
+        print(
+            "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
+            f"{source} stops working: let credproxy own the account, or log the other tool in again."
+        )
     return 0
 
 

@@ -118,3 +118,24 @@ async def test_the_import_command(tmp_path: Path) -> None:
     assert "single-use" in out
     assert "rt-secret-1" not in out + err
     assert orjson.loads(target.read_bytes())["openai-codex"][0]["refresh"] == "rt-secret-1"
+
+
+async def test_a_codex_file_with_only_an_api_key_gets_a_label_and_no_oauth_note(tmp_path: Path) -> None:
+    source = write_json(tmp_path / "codex-auth.json", {"auth_mode": "apikey", "OPENAI_API_KEY": "sk-codex-key-0001"})
+    target = write_json(tmp_path / "auth.json", {"openai": [{"type": "api_key", "key": "sk-mine-0001"}]})
+    code, out, err = await run_credproxy("import", "codex", str(source), "--credentials", str(target))
+    assert code == 0, err
+    assert out.splitlines() == [
+        "added: openai api_key codex-api-key",
+        f"credentials file: {target} (unchanged source: {source})",
+    ]
+    assert "sk-codex-key-0001" not in out + err
+    creds = load_credentials(target, ["openai"])["openai"]
+    assert [(c.label, c.token.reveal()) for c in creds] == [
+        ("openai#1", "sk-mine-0001"),
+        ("codex-api-key", "sk-codex-key-0001"),
+    ]
+    # Another machine's Codex key: the label is taken, so it gets its own.
+    write_json(source, {"OPENAI_API_KEY": "sk-codex-key-0002"})
+    assert import_accounts(source, "codex", target) == ["added: openai api_key codex-api-key-2"]
+    assert import_accounts(source, "codex", target) == ["unchanged: openai api_key codex-api-key-2"]
