@@ -14,12 +14,12 @@ Responders are small factories (:func:`usage_limit`, :func:`rate_limit`, :func:`
 
     fake.on(usage_limit(resets_in=3600), token="sk-a", times=1)
 
-Run ``python -m proxy.testing.fake_upstream --port 9999`` to get one on a fixed port.
+Run ``python -m proxy.testing.fake_upstream --port 9999`` to get one on a fixed port; its flags and
+control endpoints (limit a credential, refuse one) are in :mod:`proxy.testing.fake_control`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import itertools
@@ -407,17 +407,10 @@ def _abort(request: web.Request) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="credproxy's fake upstream (loopback only)")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
+    """``python -m proxy.testing.fake_upstream``: flags and control endpoints in :mod:`proxy.testing.fake_control`."""
+    from proxy.testing.fake_control import main as run  # noqa: PLC0415 (it imports this module)
 
-    async def run() -> None:
-        fake = FakeUpstream()
-        url = await fake.start("127.0.0.1", args.port)
-        print(f"fake upstream on {url}", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(run())
+    run()
 
 
 if __name__ == "__main__":
