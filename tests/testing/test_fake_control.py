@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.core.clock import ManualClock
 from proxy.testing.fake_control import Controls
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.conftest import ROOT, ProxyFactory, run_credproxy
+from tests.test_readme import section
 
 
 async def call(session: aiohttp.ClientSession, method: str, url: str, token: str | None = None) -> tuple[int, Any]:
@@ -84,12 +86,24 @@ async def fake_process() -> AsyncIterator[str]:
         await process.wait()
 
 
+def walk_through() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The README's credentials file, config and commands (the fake's port is 9999 there)."""
+    text = section("### Try failover by hand")
+    files = dict(
+        (name, orjson.loads(doc)) for doc, name in re.findall(r"printf '%s\\n' '(\{.*\})' > (\w+\.json)", text)
+    )
+    return files["auth.json"], files["config.json"], text
+
+
 async def test_the_readme_failover_walk_through(proxy: ProxyFactory, fake_process: str) -> None:
-    """README "Try failover by hand": session s1 sticks to b; the fake limits b; the next request is
-    replayed on a, and status shows b blocked with the fake's reset."""
+    """README "Try failover by hand", its files and its steps: session s1 sticks to b; the fake limits b;
+    the next request is replayed on a, and status shows b blocked with the fake's reset."""
+    credentials, config, text = walk_through()
+    assert config["providers"]["openai"]["upstream"] == "http://127.0.0.1:9999/v1"
+    assert "python -m proxy.testing.fake_upstream --port 9999" in text
+    assert "curl -sS -X POST 'http://127.0.0.1:9999/_fake/limit?token=sk-fake-b&seconds=600'" in text
     p = await proxy(
-        {"openai": [{"type": "api_key", "label": label, "key": f"sk-fake-{label}"} for label in ("a", "b")]},
-        providers={"openai": {"mount": "/openai", "upstream": f"{fake_process}/v1"}},
+        credentials, providers={"openai": {**config["providers"]["openai"], "upstream": f"{fake_process}/v1"}}
     )
     body = {"model": "m", "input": "hi"}
     async with p.post("/openai/responses", json=body, headers={"X-Session-Id": "s1"}) as r:
