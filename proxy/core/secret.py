@@ -6,16 +6,18 @@ read only where it is sent: :meth:`Secret.reveal`.
 
 :func:`redact` scrubs free text (log lines, error bodies, upstream messages) of anything shaped like
 a credential, and of every secret the process knows about (registered by the pool).
-:func:`redact_header_values` does the same for response headers relayed to a client, with the shapes
-that cannot be part of an opaque token the client must echo (no JWT shape, key shapes only at a word
-start). :func:`public_code` turns an upstream's error code into what status may show: a code, never
-free text.
+:data:`HEADER_SHAPES` are the shapes masked in response headers relayed to a client: those that
+cannot be part of an opaque token the client must echo (no JWT shape, key shapes only at a word
+start). :class:`KnownSecrets` is the list of those secrets, with the length of the shortest.
+:func:`public_code` turns an upstream's error code into what status may show: a code, never free text.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 _MASK = "***"
 
@@ -74,16 +76,6 @@ _HEADER_PATTERNS = re.compile(
 )
 
 
-def redact(text: str, known: Iterable[str] = (), patterns: re.Pattern[str] = _PATTERNS) -> str:
-    """Return ``text`` with credential-shaped substrings and every ``known`` secret masked."""
-    for value in known:
-        if value and value in text:
-            text = text.replace(value, _MASK)
-    if _may_match(text):
-        text = patterns.sub(_MASK, text)
-    return text
-
-
 def _may_match(text: str) -> bool:
     """False when no :data:`_PATTERNS` match is possible: each one starts with one of these literals.
 
@@ -93,7 +85,47 @@ def _may_match(text: str) -> bool:
     return "sk-" in text or "cpx_" in text or "eyJ" in text or "bearer" in text.lower()
 
 
-def redact_each(values: list[str], known: Sequence[str] = (), patterns: re.Pattern[str] = _PATTERNS) -> list[str]:
+def _may_match_in_header(text: str) -> bool:
+    """:func:`_may_match` for :data:`_HEADER_PATTERNS`, without lowering the text (this runs for every
+    response): a bearer value spelled in mixed case (``bEaReR``) is masked only when it is a known secret."""
+    return "sk" in text or "cpx" in text or "earer" in text or "EARER" in text
+
+
+@dataclass(frozen=True, slots=True)
+class Shapes:
+    """Credential shapes to mask, and a cheap test that rules every one of them out."""
+
+    pattern: re.Pattern[str]
+    may_match: Callable[[str], bool]
+
+
+TEXT_SHAPES = Shapes(_PATTERNS, _may_match)
+HEADER_SHAPES = Shapes(_HEADER_PATTERNS, _may_match_in_header)
+
+
+class KnownSecrets(tuple[str, ...]):
+    """The secret values a process holds (empty ones left out), with the length of the shortest: no
+    text shorter than that can hold one."""
+
+    shortest: float
+
+    def __new__(cls, values: Iterable[str]) -> KnownSecrets:
+        self = super().__new__(cls, (value for value in values if value))
+        self.shortest = min(map(len, self), default=math.inf)
+        return self
+
+
+def redact(text: str, known: Iterable[str] = (), shapes: Shapes = TEXT_SHAPES) -> str:
+    """Return ``text`` with credential-shaped substrings and every ``known`` secret masked."""
+    for value in known:
+        if value and value in text:
+            text = text.replace(value, _MASK)
+    if shapes.may_match(text):
+        text = shapes.pattern.sub(_MASK, text)
+    return text
+
+
+def redact_each(values: list[str], known: Sequence[str] = (), shapes: Shapes = TEXT_SHAPES) -> list[str]:
     """:func:`redact` applied to each of ``values``, in one pass when none of them holds a NUL.
 
     Joined by NUL, they are redacted as one text: no credential shape contains a NUL, nor does any
@@ -102,19 +134,13 @@ def redact_each(values: list[str], known: Sequence[str] = (), patterns: re.Patte
     """
     joined = "\x00".join(values)
     if joined.count("\x00") == len(values) - 1:  # else a value holds a NUL (or there is none)
-        clean = redact(joined, known, patterns)
+        clean = redact(joined, known, shapes)
         if clean == joined:
             return values
         parts = clean.split("\x00")
         if len(parts) == len(values):
             return parts
-    return [redact(value, known, patterns) for value in values]
-
-
-def redact_header_values(values: list[str], known: Sequence[str] = ()) -> list[str]:
-    """:func:`redact_each` for response header values: every ``known`` secret, and the key and bearer shapes
-    that no opaque header token can hold (see :data:`_HEADER_PATTERNS`). ``values`` itself when nothing changed."""
-    return redact_each(values, known, _HEADER_PATTERNS)
+    return [redact(value, known, shapes) for value in values]
 
 
 def redact_bytes(data: bytes, known: Sequence[str] = ()) -> bytes:

@@ -183,8 +183,9 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp(second)},{int((created - second) * 1000):03d}"
 
     def line(self, created: float, level: str, name: str, message: str, fields: dict[str, Any] | None = None) -> str:
-        """The line :meth:`format` makes of a record without a traceback (``fields`` are not shown)."""
-        return f"{self.stamp(created)} {level} {name} {printable(message)}"
+        """The line :meth:`format` makes of a record without a traceback (``fields`` are not shown), for a
+        ``message`` that is printable already (:func:`access_message` escapes what a client sent)."""
+        return f"{self.stamp(created)} {level} {name} {message}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -401,9 +402,11 @@ def access_fields(record: RequestRecord) -> dict[str, Any]:
 
 
 def access_message(record: RequestRecord) -> str:
+    """The text line of a request; what a client sent (method, path; the error is a ``repr``) is escaped."""
     error = f" error={record.error!r}" if record.error else ""
     return (
-        f"{record.request_id} {record.provider or '-'} {record.method} {record.path} -> {record.status} "
+        f"{record.request_id} {record.provider or '-'} {printable(record.method)} {printable(record.path)} "
+        f"-> {record.status} "
         f"{record.outcome} session={record.session_hash or '-'} credential={_credential(record) or '-'} "
         f"tried={','.join(record.tried) or '-'} attempts={record.attempts} {record.duration * 1000:.1f}ms{error}"
     )
