@@ -29,11 +29,14 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from proxy.core.clock import Clock
-from proxy.testing.fake_upstream import FakeUpstream, Recorded, rate_limit, unauthorized, usage_limit
+
+if TYPE_CHECKING:  # fake_upstream runs this module as its command line: no import back at run time
+    from proxy.testing.fake_upstream import FakeUpstream, Recorded
 
 PREFIX = "/_fake"
 DEFAULT_SECONDS = 3600
@@ -73,12 +76,22 @@ class Controls:
         return recorded.token in self.refused or self._left(recorded.token) > 0
 
     async def _answer(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        """The answers of :func:`~proxy.testing.fake_upstream.unauthorized`, ``usage_limit`` and ``rate_limit``."""
         if recorded.token in self.refused:
-            return await unauthorized()(request, recorded, fake)
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         left = max(1, math.ceil(self._left(recorded.token)))
         if "/backend-api/" in recorded.path:
-            return await usage_limit(resets_in=left)(request, recorded, fake)
-        return await rate_limit(headers={"retry-after": str(left)})(request, recorded, fake)
+            error = {
+                "type": "usage_limit_reached",
+                "message": "The usage limit has been reached",
+                "plan_type": "plus",
+                "resets_at": math.ceil(self.clock.time()) + left,
+                "eligible_promo": None,
+                "resets_in_seconds": left,
+            }
+            return web.json_response({"error": error}, status=429)
+        message = "Rate limit reached for gpt-fake on tokens per min (TPM)."
+        return _error(429, message, "tokens", "rate_limit_exceeded", {"Retry-After": str(left)})
 
     async def _limit(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         token = request.query.get("token")
@@ -118,6 +131,11 @@ class Controls:
         }
 
 
+def _error(status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
 def _problem(usage: str) -> web.Response:
     return web.json_response({"error": {"message": f"usage: {usage}", "type": "invalid_request_error"}}, status=400)
 
@@ -155,22 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def run(fake: FakeUpstream, argv: Sequence[str] | None = None) -> None:
+    """``python -m proxy.testing.fake_upstream [flags]``: serve ``fake`` with the flags' limits until killed."""
     args = build_parser().parse_args(argv)
+    controls = Controls(fake.clock)
+    controls.install(fake)
+    for token, seconds in args.limit:
+        controls.limit(token, seconds)
+    controls.refused.update(args.unauthorized)
 
-    async def run() -> None:
-        fake = FakeUpstream()
-        controls = Controls(fake.clock)
-        controls.install(fake)
-        for token, seconds in args.limit:
-            controls.limit(token, seconds)
-        controls.refused.update(args.unauthorized)
+    async def serve() -> None:
         url = await fake.start("127.0.0.1", args.port)
         print(f"fake upstream on {url} (control: {url}{PREFIX}/state)", flush=True)
         await asyncio.Event().wait()
 
-    asyncio.run(run())
-
-
-if __name__ == "__main__":
-    main()
+    asyncio.run(serve())

@@ -408,9 +408,9 @@ def _abort(request: web.Request) -> None:
 
 def main() -> None:
     """``python -m proxy.testing.fake_upstream``: flags and control endpoints in :mod:`proxy.testing.fake_control`."""
-    from proxy.testing.fake_control import main as run  # noqa: PLC0415 (it imports this module)
+    from proxy.testing.fake_control import run  # noqa: PLC0415 (only the command line needs it)
 
-    run()
+    run(FakeUpstream())
 
 
 if __name__ == "__main__":
