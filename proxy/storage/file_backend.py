@@ -9,11 +9,10 @@ One task per application, woken by changes and by a short poll interval:
   retried with back-off and reported in status.
 * **state in**: when the state file changed (another process wrote it), its entries are merged into
   the pool.
-* **credentials in**: when the credentials file changed (edited by hand, ``credproxy import``,
-  another process refreshing a token), it is re-read and the pool updated without a restart. A
-  broken edit is reported once and the last good view keeps serving; when the file is fixed, that is
-  logged too. Tokens that exist only in memory (a write failed) are never replaced by the file's
-  older ones, and their write is retried.
+* **credentials in**: when the credentials file changed (edited by hand, ``credproxy import``, another
+  process refreshing a token), it is re-read and the pool updated without a restart. A broken edit is
+  reported once and the last good view keeps serving; its fix is logged. Tokens that exist only in memory (a write
+  failed) are never replaced by the file's older ones, and their write is retried.
 
 File I/O runs in threads; the event loop never blocks on the disk.
 """
