@@ -78,7 +78,7 @@ def make_app(
     )
     if credentials is None:
         check_private(config.credentials_file, "credentials file")
-        credentials = load_credentials(config.credentials_file, [p.name for p in config.providers])
+        credentials = load_credentials(config.credentials_file, [p.name for p in config.providers], config.kinds)
     pool = Pool(config.providers, credentials, clock)
     control = ControlSession()
     custodian = Custodian(pool, clock, config.credentials_file, control.get)

@@ -254,7 +254,7 @@ def check(config_path: str) -> tuple[bool, str]:
     lines.append(f"listens on {base_url(config)} (listen.host {config.listen.host})")
     path = config.credentials_file
     try:
-        creds = load_credentials(path, [p.name for p in config.providers])
+        creds = load_credentials(path, [p.name for p in config.providers], config.kinds)
     except CredproxyError as exc:
         lines.append(f"problem: {exc}")
         return False, "\n".join(lines)

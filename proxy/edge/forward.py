@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.accounts.preflight import Accounts
 from proxy.config import Config, Provider
+from proxy.core import anthropic
 from proxy.core import headers as hdrs
 from proxy.core.clock import Clock, readable_until
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
@@ -177,7 +178,8 @@ class Forwarder:
             ):
                 # The session moved to another account: its sticky-routing token belongs to the old one.
                 headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
-            upstream = await self._send(request.method, origin, target, [*headers, *cred.auth_headers()], body, record)
+            headers = [*headers, *cred.auth_headers(provider.kind)]
+            upstream = await self._send(request.method, origin, target, headers, body, record)
             passed = False
             try:
                 verdict, prefix = await self._inspect(upstream, cred, provider)
@@ -254,7 +256,20 @@ class Forwarder:
         if provider.kind == "codex" and self.accounts is not None:
             # Usage windows ride on every Codex answer. On a limit answer the verdict decides the block.
             self.accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
+        elif provider.kind == "anthropic":
+            self._observe_anthropic(cred, headers, verdict)
         return verdict, prefix
+
+    def _observe_anthropic(self, cred: Credential, headers: dict[str, str], verdict: Verdict) -> None:
+        """An Anthropic key's windows ride on every answer; one with nothing left is skipped until it resets."""
+        now = self._clock.time()
+        snapshot = anthropic.usage_from_headers(headers, now)
+        if snapshot is None:
+            return
+        self._pool.record_usage(cred, snapshot, block=False)
+        until = anthropic.exhausted_until(snapshot, now) if verdict.kind is not Kind.LIMITED else None
+        if until is not None:
+            self._pool.block(cred, Verdict(Kind.LIMITED, "usage_exhausted", until, "anthropic-ratelimit-reset"))
 
     async def _classify(
         self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
@@ -370,12 +385,17 @@ class Forwarder:
             hook(cred, events)
 
     def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        provider = self._provider(exc.provider)
+        kind = provider.kind if provider is not None else ""
         if exc.retry_at is None:
+            if kind == "anthropic":
+                return json_response(503, anthropic.error_document("api_error", str(exc)), record)
             return error_response(503, str(exc), "no_credentials", record)
         wait = max(1, math.ceil(exc.retry_at - self._clock.time()))
-        provider = self._provider(exc.provider)
         message = f"{exc}; retry in {wait} s"
-        if provider is not None and provider.kind == "codex":
+        if kind == "anthropic":
+            body = anthropic.error_document(anthropic.RATE_LIMIT, message)
+        elif kind == "codex":
             body = {
                 "error": {
                     "type": "usage_limit_reached",

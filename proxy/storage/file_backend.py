@@ -238,7 +238,7 @@ class FileSync:
             log.error("%s (still serving)", exc)
         try:
             doc = await asyncio.to_thread(files.read_document, self.credentials_file)
-            loaded = parse_credentials(self.credentials_file, doc, names)
+            loaded = parse_credentials(self.credentials_file, doc, names, self._config.kinds)
         except CredproxyError as exc:
             self.credentials_error = str(exc)
             log.error("the credentials file changed but cannot be used (%s); still serving the last good view", exc)

@@ -1,4 +1,5 @@
-"""A scripted fake of the OpenAI API and the ChatGPT/Codex backend, for tests, the demo and benchmarks.
+"""A scripted fake of the OpenAI API, the ChatGPT/Codex backend and Anthropic's Messages API
+(:mod:`proxy.testing.fake_anthropic`), for tests, the demo and benchmarks.
 
 It never talks to the network beyond its own loopback socket. It records every request it receives
 (:class:`Recorded`: method, target, headers in order, body bytes, the bearer token) and answers
@@ -31,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from proxy.core.clock import Clock, SystemClock
+from proxy.testing import fake_anthropic
 from proxy.testing.fake_bodies import (
     chat_chunks,
     chat_completion,
@@ -64,8 +66,11 @@ class Recorded:
 
     @property
     def token(self) -> str | None:
+        """The bearer token, or else the ``x-api-key`` (how an Anthropic key is presented)."""
         auth = self.header("authorization")
-        return auth[7:] if auth and auth.startswith("Bearer ") else auth
+        if auth is None:
+            return self.header("x-api-key")
+        return auth[7:] if auth.startswith("Bearer ") else auth
 
     @property
     def body_sha256(self) -> str:
@@ -207,9 +212,12 @@ def _model(recorded: Recorded) -> str:
 
 
 def ok(text: str = "hi", headers: Mapping[str, str] | None = None) -> Responder:
-    """A success in the shape the path asks for: Responses or Chat Completions, JSON or SSE."""
+    """A success in the shape the path asks for: Responses or Chat Completions, JSON or SSE, or the
+    Messages API's (:mod:`proxy.testing.fake_anthropic`)."""
 
     async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        if fake_anthropic.is_messages_api(recorded):
+            return await fake_anthropic.ok(text, headers=headers)(request, recorded, fake)
         created = int(fake.clock.time())
         model = _model(recorded)
         chat = recorded.path.endswith("/chat/completions")
