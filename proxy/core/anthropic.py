@@ -21,7 +21,7 @@ turns those into the values the rest of the proxy already works with:
 * :func:`usage_from_headers` makes the windows a :class:`~proxy.core.usage.UsageSnapshot` (used
   percent and reset, like a Codex account's), and :func:`exhausted_until` says until when a key
   with nothing remaining in a window must be skipped, before it fails;
-* :func:`error_document` is the shape of the errors credproxy itself answers on an Anthropic mount;
+* :func:`unavailable` is credproxy's own answer when no key can serve, in the API's error shape;
 * :func:`subscription_problem` refuses Claude Pro/Max logins in the credentials file.
 
 ``529 overloaded_error`` is the service, not the key: it never blocks a key and is passed to the
@@ -167,6 +167,28 @@ def exhausted_until(snapshot: UsageSnapshot, now: float) -> float | None:
 def error_document(error_type: str, message: str) -> dict[str, Any]:
     """An error in the Messages API's shape, for the answers credproxy makes itself."""
     return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+#: Claude Code retries a 429 whose ``retry-after`` is at most this long and gives up on a longer one; the
+#: SDK 2.x waits whatever it is told (no cap).
+CLIENT_RETRY_LIMIT = 60
+
+
+def unavailable(detail: str, wait: int | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """credproxy's own answer when no key can serve: ``(status, body, headers)``.
+
+    ``wait`` seconds until the earliest key comes back: 429 ``rate_limit_error`` with ``Retry-After``.
+    ``None`` (every key disabled, or none configured): 503 ``api_error``. Both carry
+    ``x-should-retry: false`` when retrying cannot help soon: the 503 always (Claude Code would retry it
+    ten times over three minutes), the 429 when the wait is longer than a client should sleep on its own
+    (Claude Code gives up on those at once anyway; the SDK would sleep for hours, twice).
+    """
+    if wait is None:
+        return 503, error_document("api_error", detail), {"x-should-retry": "false"}
+    headers = {"Retry-After": str(wait)}
+    if wait > CLIENT_RETRY_LIMIT:
+        headers["x-should-retry"] = "false"
+    return 429, error_document(RATE_LIMIT, f"{detail}; retry in {wait} s"), headers
 
 
 def subscription_problem(raw: Mapping[str, Any]) -> str | None:

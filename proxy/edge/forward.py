@@ -386,16 +386,17 @@ class Forwarder:
 
     def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
         provider = self._provider(exc.provider)
-        kind = provider.kind if provider is not None else ""
+        if provider is not None and provider.kind == "anthropic":
+            wait = None if exc.retry_at is None else max(1, math.ceil(exc.retry_at - self._clock.time()))
+            status, doc, extra = anthropic.unavailable(str(exc), wait)
+            answer = json_response(status, doc, record)
+            answer.headers.update(extra)
+            return answer
         if exc.retry_at is None:
-            if kind == "anthropic":
-                return json_response(503, anthropic.error_document("api_error", str(exc)), record)
             return error_response(503, str(exc), "no_credentials", record)
         wait = max(1, math.ceil(exc.retry_at - self._clock.time()))
         message = f"{exc}; retry in {wait} s"
-        if kind == "anthropic":
-            body = anthropic.error_document(anthropic.RATE_LIMIT, message)
-        elif kind == "codex":
+        if provider is not None and provider.kind == "codex":
             body = {
                 "error": {
                     "type": "usage_limit_reached",

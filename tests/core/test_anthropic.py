@@ -294,6 +294,25 @@ def test_the_error_document_credproxy_answers_with() -> None:
 
 
 @pytest.mark.parametrize(
+    ("wait", "status", "error_type", "headers"),
+    [
+        (1, 429, "rate_limit_error", {"Retry-After": "1"}),
+        (60, 429, "rate_limit_error", {"Retry-After": "60"}),  # Claude Code and the SDK wait, then retry
+        (61, 429, "rate_limit_error", {"Retry-After": "61", "x-should-retry": "false"}),
+        (86400, 429, "rate_limit_error", {"Retry-After": "86400", "x-should-retry": "false"}),
+        (None, 503, "api_error", {"x-should-retry": "false"}),  # nothing comes back on its own
+    ],
+)
+def test_the_answer_when_no_key_can_serve(
+    wait: int | None, status: int, error_type: str, headers: dict[str, str]
+) -> None:
+    got_status, doc, got_headers = anthropic.unavailable("every credential of provider 'anthropic' is ...", wait)
+    assert (got_status, doc["error"]["type"], got_headers) == (status, error_type, headers)
+    assert doc["type"] == "error"
+    assert doc["error"]["message"].endswith(f"retry in {wait} s" if wait else "...")
+
+
+@pytest.mark.parametrize(
     ("raw", "refused"),
     [
         ({"type": "api_key", "key": "sk-ant-api03-abc"}, False),

@@ -161,6 +161,21 @@ def test_client_tokens_are_compared_on_bytes_without_raising(
     assert guard.token_ok(authorization, header) is ok
 
 
+@pytest.mark.parametrize(
+    ("authorization", "api_key", "ok"),
+    [
+        (None, TOKEN, True),  # Claude Code's ANTHROPIC_API_KEY
+        ("Bearer dummy", TOKEN, True),  # Claude Code with both variables set sends both headers
+        (None, f"Bearer {TOKEN}", False),  # x-api-key carries the key itself, no scheme
+        (None, "sk-ant-api03-wrong", False),
+        (None, "\udcff" * 20, False),
+    ],
+)
+def test_a_client_token_in_x_api_key(authorization: str | None, api_key: str, ok: bool) -> None:
+    guard = Guard(tokens=(Secret(TOKEN),))
+    assert guard.token_ok(authorization, None, api_key) is ok
+
+
 def check(guard: Guard, **overrides: object) -> Refusal | None:
     request: dict[str, object] = {
         "version": (1, 1),
@@ -198,6 +213,8 @@ def check(guard: Guard, **overrides: object) -> Refusal | None:
         ({"origin": "https://evil.example", "authorization": None}, BAD_ORIGIN),  # Origin before token
         ({"authorization": None}, BAD_TOKEN),
         ({"authorization": "Bearer nope"}, BAD_TOKEN),
+        ({"authorization": None, "api_key": TOKEN}, None),
+        ({"authorization": None, "api_key": "nope"}, BAD_TOKEN),
         ({"authorization": None, "raw_path": "/_credproxy/health"}, None),  # liveness needs no token
         ({"authorization": None, "raw_path": "/_credproxy/health?x=1"}, None),
         ({"authorization": None, "raw_path": "/_credproxy/health/x"}, BAD_TOKEN),

@@ -283,6 +283,7 @@ async def test_every_key_limited_gives_a_429_in_anthropics_shape_with_retry_afte
     p = await anthropic_proxy(proxy, fake)
     status, headers, body = await claude_code(p)
     assert (status, headers["Retry-After"], headers["x-credproxy-attempts"]) == (429, "45", "3")
+    assert "x-should-retry" not in headers  # 45 s: Claude Code and the SDK wait and retry on their own
     doc = orjson.loads(body)
     assert doc["type"] == "error"
     assert doc["error"]["type"] == "rate_limit_error"
@@ -300,6 +301,7 @@ async def test_every_key_disabled_gives_a_503_in_anthropics_shape(proxy: ProxyFa
     status, headers, body = await claude_code(p)
     assert status == 503
     assert "Retry-After" not in headers
+    assert headers["x-should-retry"] == "false"
     error = orjson.loads(body)["error"]
     assert error["type"] == "api_error"
     assert "disabled" in error["message"]
@@ -357,3 +359,28 @@ async def test_rate_limit_headers_feed_the_usage_view_and_an_empty_window_is_ski
     for key in KEYS:
         assert key not in metrics
         assert key not in orjson.dumps(doc).decode()
+
+
+CLIENT_TOKEN = "cpx_claude-code-client-token-0123"
+
+
+@pytest.mark.parametrize("header", ["x-api-key", "Authorization"])
+async def test_the_client_token_is_accepted_as_claude_codes_api_key_or_auth_token(
+    proxy: ProxyFactory, fake: FakeUpstream, header: str
+) -> None:
+    """ANTHROPIC_API_KEY=<token> arrives as x-api-key, ANTHROPIC_AUTH_TOKEN=<token> as a bearer token."""
+    providers = {"anthropic": {"mount": "/anthropic", "upstream": f"http://127.0.0.1:{fake.port}"}}
+    p = await proxy(pool_keys(*KEYS), providers=providers, security={"client_tokens": [CLIENT_TOKEN]})
+    value = CLIENT_TOKEN if header == "x-api-key" else f"Bearer {CLIENT_TOKEN}"
+    headers = {k: v for k, v in CLAUDE_CODE_HEADERS.items() if k != "x-api-key"}
+    async with p.post("/anthropic/v1/messages?beta=true", data=BODY, headers={**headers, header: value}) as r:
+        assert r.status == 200
+    [got] = fake.records
+    assert got.all("x-api-key") == [KEYS[FIRST]]
+    assert leaked(got, CLIENT_TOKEN) == []
+
+    # A wrong token is refused for good: Claude Code would otherwise retry a 401 for three minutes.
+    async with p.post("/anthropic/v1/messages", data=BODY, headers={**headers, header: "sk-ant-wrong"}) as r:
+        assert (r.status, r.headers["x-should-retry"]) == (401, "false")
+        assert "x-api-key: <token>" in (await r.json())["error"]["message"]
+    assert len(fake.records) == 1
