@@ -32,8 +32,8 @@ path (absolute-form ``http://evil.example/...``, ``CONNECT host:443``, ``OPTIONS
    ``ANTHROPIC_API_KEY`` there; the Anthropic SDK 2.x sends its key as a bearer token). Both sides
    are hashed with SHA-256 and compared with :func:`hmac.compare_digest` on bytes, so odd input
    (non-ASCII, lone surrogates from invalid UTF-8, 8 KB of junk) is just a wrong token, and the time
-   taken says nothing about how much of it matched (nor about its length). ``GET
-   /_credproxy/health`` needs no token: it answers ``{"status": "ok"}`` and nothing else, so a
+   taken says nothing about how much of it matched (nor about its length).
+   ``GET /_credproxy/health`` needs no token: it answers ``{"status": "ok"}`` and nothing else, so a
    Docker healthcheck works without the secret; anything that reveals state belongs on an endpoint
    that does need one.
 
