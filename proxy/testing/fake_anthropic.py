@@ -236,9 +236,16 @@ def stream_error(
     remaining: Mapping[str, int] | None = None,
     reset_in: float = 60.0,
 ) -> Responder:
-    """A 200 SSE stream that fails with ``event: error`` after ``after`` events of a normal message."""
+    """A 200 SSE stream that fails with ``event: error`` after ``after`` events of a normal message.
+
+    A request that asked for no stream gets the same error as an HTTP status, as from the real API.
+    """
 
     async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        if _body(recorded).get("stream") is not True:
+            status = 529 if error_type == "overloaded_error" else 429
+            answer = error(status, error_type, message_text, remaining=remaining, reset_in=reset_in)
+            return await answer(request, recorded, fake)
         events = message_events(fake.next_id("msg_fake"), "claude-fake", "par")[:after]
         events.append({"type": "error", "error": {"type": error_type, "message": message_text}})
         return await _stream(request, events, ratelimit_headers(fake.clock.time(), remaining, reset_in))
