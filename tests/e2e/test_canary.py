@@ -2,7 +2,8 @@
 
 Every token and refresh token in the pool is a canary. Traffic covers a success, an SSE stream, a
 replay after a 429, a 401 that disables a key, every credential blocked (429 from the proxy), an
-OAuth account (usage endpoint, account header) and a malformed request whose header holds a canary.
+OAuth account (usage endpoint, account header), Anthropic keys (sent as ``x-api-key``: success,
+stream, replay, disable, usage windows, all blocked) and a malformed request whose header holds a canary.
 Then the canaries are searched for in every log line (every logger, DEBUG and up, text and JSON),
 every response body and header, the status and ``which`` JSON and the metrics text.
 """
@@ -24,6 +25,7 @@ from proxy.config import Logging, load_config
 from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.observe import logs
+from proxy.testing import fake_anthropic
 from proxy.testing.fake_upstream import (
     FakeUpstream,
     Recorded,
@@ -33,13 +35,14 @@ from proxy.testing.fake_upstream import (
     unauthorized,
     usage_limit,
 )
-from tests.conftest import ProxyFactory, RunningProxy, run_credproxy, write_json
+from tests.conftest import ProxyFactory, RunningProxy, default_providers, run_credproxy, write_json
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
 CANARY_ACCESS = "canaryACCESSdelta5a1f"
 CANARY_REFRESH = "canaryREFRESHecho0c7e"
-CANARIES = (*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH)
+CANARY_ANTHROPIC = ("canaryANTHROPIChotel4e1d", "canaryANTHROPICindia7c2b", "canaryANTHROPICjuliet05")
+CANARIES = (*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH, *CANARY_ANTHROPIC)
 SID = "canary-session"
 FIRST = fnv1a_utf16(SID) % 3
 
@@ -84,7 +87,12 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
         {
             "openai": keys,
             "openai-codex": [account, {**account, "access": "x" * 20, "refresh": "y" * 20, "accountId": "acct-2"}],
-        }
+            "anthropic": [{"type": "api_key", "key": k} for k in CANARY_ANTHROPIC],
+        },
+        providers={
+            **default_providers(fake),
+            "anthropic": {"mount": "/anthropic", "upstream": f"http://127.0.0.1:{fake.port}"},
+        },
     )
     stream = io.StringIO()
     logs.configure(Logging(format=fmt, level="debug"), known=known_secrets(p.app), stream=stream)
@@ -105,6 +113,22 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
     assert await seen.call(p, "POST", "/codex/responses", json=body) == 429
     assert await seen.call(p, "GET", "/openai/models", headers={"Authorization": "Bearer client-own-token"}) == 429
 
+    # Anthropic keys: success, stream, a 429 replayed, a 401 that disables one, the last one limited.
+    fake.reset_rules()
+    message = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    claude = {"x-api-key": "client-dummy", "anthropic-version": "2023-06-01", "X-Claude-Code-Session-Id": SID}
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 200
+    streamed = {**message, "stream": True}
+    assert await seen.call(p, "POST", "/anthropic/v1/messages?beta=true", json=streamed, headers=claude) == 200
+    fake.on(fake_anthropic.rate_limit(retry_after=30), token=CANARY_ANTHROPIC[FIRST], times=1)
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 200
+    fake.on(
+        fake_anthropic.error(401, "authentication_error", "invalid x-api-key"), token=CANARY_ANTHROPIC[(FIRST + 1) % 3]
+    )
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=streamed, headers=claude) == 200
+    fake.on(fake_anthropic.rate_limit(retry_after=600), token=CANARY_ANTHROPIC[(FIRST + 2) % 3])
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 429
+
     # A malformed request whose overlong header starts with a canary: aiohttp's 400 quotes the start of
     # the line back to the client that sent it (its own bytes, so not kept in `seen`); the log must not.
     host, port = p.url.removeprefix("http://").split(":")
@@ -116,14 +140,21 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
 
     label = f"openai%23{FIRST + 1}"
     assert await seen.call(p, "POST", f"/_credproxy/credentials/{label}/unblock") == 200
-    for path in ("/_credproxy/status", "/_credproxy/metrics", f"/_credproxy/which?session={SID}&provider=openai"):
+    for path in (
+        "/_credproxy/status",
+        "/_credproxy/metrics",
+        f"/_credproxy/which?session={SID}&provider=openai",
+        f"/_credproxy/which?session={SID}&provider=anthropic",
+    ):
         assert await seen.call(p, "GET", path) == 200
 
     # The traffic really used the canaries, and the logs really saw the requests.
-    assert set(fake.tokens()) >= set(CANARY_KEYS) | {CANARY_ACCESS}
+    assert set(fake.tokens()) >= set(CANARY_KEYS) | {CANARY_ACCESS} | set(CANARY_ANTHROPIC)
     assert any(r.token == CANARY_ACCESS for r in fake.control)  # the usage endpoint was asked with the account
     log_text = stream.getvalue()
     assert log_text.count("/openai/responses") >= 5
+    assert log_text.count("/anthropic/v1/messages") >= 5
+    assert "anthropic-ratelimit" in "\n".join(seen.parts)  # the windows reached the client (and status)
     assert "limited" in log_text
     assert "disabled" in log_text
     assert "refused a malformed request: LineTooLong" in log_text
