@@ -135,7 +135,11 @@ async def test_a_corrupt_credentials_file_refuses_to_start_without_printing_it(
 
 def test_the_example_config_is_valid() -> None:
     config = load_config(ROOT / "config.example.json")
-    assert [p.name for p in config.providers] == ["openai", "openai-codex"]
+    assert [(p.name, p.kind) for p in config.providers] == [
+        ("openai", "openai"),
+        ("openai-codex", "codex"),
+        ("anthropic", "anthropic"),
+    ]
     assert config.listen.host == "127.0.0.1"
 
 
