@@ -136,15 +136,20 @@ def _window_name(window: Mapping[str, Any]) -> str:
 
 
 def usage_text(usage: Mapping[str, Any] | None, now: float) -> str:
+    """``5h 12% (resets 15:04), 7d 5% (resets Sun 01:15)``; windows that all reset in the same minute
+    (an Anthropic key's four per-minute windows) name their reset once, at the end."""
     if not usage or not usage.get("windows"):
         return "-"
+    windows = usage["windows"]
+    resets = [_short_time(w["resets_at"], now) if w.get("resets_at") else None for w in windows]
+    shared = resets[0] if len(windows) > 1 and resets[0] is not None and len(set(resets)) == 1 else None
     parts = []
-    for window in usage["windows"]:
+    for window, reset in zip(windows, resets, strict=True):
         text = f"{_window_name(window)} {window['used_percent']:g}%"
-        if window.get("resets_at"):
-            text += f" (resets {_short_time(window['resets_at'], now)})"
+        if reset is not None and shared is None:
+            text += f" (resets {reset})"
         parts.append(text)
-    return ", ".join(parts)
+    return ", ".join(parts) + (f" (all reset {shared})" if shared is not None else "")
 
 
 def state_text(cred: Mapping[str, Any], now: float) -> str:

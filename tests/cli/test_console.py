@@ -241,6 +241,24 @@ def test_usage_text_names_windows_by_length() -> None:
     assert usage_text(None, NOW) == "-"
 
 
+def test_usage_text_of_an_anthropic_key_names_a_shared_reset_once() -> None:
+    reset = NOW + 45
+    usage = {
+        "windows": [
+            {"name": "requests", "used_percent": 2.0, "window_minutes": None, "resets_at": reset},
+            {"name": "tokens", "used_percent": 100.0, "window_minutes": None, "resets_at": reset},
+            {"name": "input-tokens", "used_percent": 0.01, "window_minutes": None, "resets_at": reset},
+            {"name": "output-tokens", "used_percent": 0.03, "window_minutes": None, "resets_at": reset},
+        ]
+    }
+    at = table.local_time(reset)[11:]
+    assert usage_text(usage, NOW) == (
+        f"requests 2%, tokens 100%, input-tokens 0.01%, output-tokens 0.03% (all reset {at})"
+    )
+    usage["windows"][3]["resets_at"] = None
+    assert usage_text(usage, NOW).endswith(f"input-tokens 0.01% (resets {at}), output-tokens 0.03%")
+
+
 def test_which_says_when_nothing_can_serve() -> None:
     doc = {
         "provider": "openai",
