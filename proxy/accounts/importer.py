@@ -16,22 +16,23 @@ Codex CLI's ``OPENAI_API_KEY`` ``codex-api-key``, so status and logs do not name
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.core import oauth
+from proxy.core import anthropic, oauth
 from proxy.errors import ConfigError
 from proxy.storage import files
 
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._@+#:-]")
 CODEX_KEY_LABEL = "codex-api-key"
+_NOT_POOLED = "(a Claude subscription login: not pooled, see README)"
 
 
 @dataclass(frozen=True, slots=True)
 class Imported:
-    """What happened to one credential of the source: ``added``, ``updated`` or ``unchanged``."""
+    """What happened to one credential of the source: ``added``, ``updated``, ``unchanged`` or ``skipped``."""
 
     result: str
     provider: str
@@ -78,6 +79,12 @@ def pi_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield provider, dict(item)
 
 
+def _subscription(provider: str, entry: dict[str, Any], kinds: Mapping[str, str]) -> bool:
+    """True for a Claude subscription login filed under a provider of kind ``anthropic``."""
+    kind = kinds.get(provider, "anthropic" if provider == "anthropic" else "")
+    return kind == "anthropic" and anthropic.subscription_problem(entry) is not None
+
+
 def _label(text: str) -> str:
     label = _LABEL_CHARS.sub("-", text).strip("-.")[:64]
     return label if label and label[0].isalnum() else f"account-{label}"[:64]
@@ -120,15 +127,30 @@ def _same_label(new: dict[str, Any], entry: dict[str, Any]) -> None:
         new.pop("label", None)
 
 
-def import_accounts(source: Path, kind: str, credentials_file: Path, providers: list[str] | None = None) -> list[str]:
+def import_accounts(
+    source: Path,
+    kind: str,
+    credentials_file: Path,
+    providers: list[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+) -> list[str]:
     """Merge the accounts of ``source`` into ``credentials_file``; returns one line per credential."""
-    return [str(item) for item in import_report(source, kind, credentials_file, providers)]
+    return [str(item) for item in import_report(source, kind, credentials_file, providers, kinds)]
 
 
 def import_report(
-    source: Path, kind: str, credentials_file: Path, providers: list[str] | None = None
+    source: Path,
+    kind: str,
+    credentials_file: Path,
+    providers: list[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> list[Imported]:
-    """Merge the accounts of ``source`` into ``credentials_file``; returns what happened to each."""
+    """Merge the accounts of ``source`` into ``credentials_file``; returns what happened to each.
+
+    A Claude subscription login (pi keeps one under ``anthropic``) is ``skipped``: an ``anthropic``
+    provider refuses it (see :func:`proxy.core.anthropic.subscription_problem`). ``kinds`` names the
+    providers' kinds (a provider named ``anthropic`` is one unless it says otherwise).
+    """
     try:
         raw = source.read_bytes()
     except OSError as exc:
@@ -137,18 +159,23 @@ def import_report(
     found = list(codex_entries(parsed, source) if kind == "codex" else pi_entries(parsed, source))
     if providers is not None:
         found = [(p, e) for p, e in found if p in providers]
+    refused = [(p, e) for p, e in found if _subscription(p, e, kinds or {})]
+    skipped = [Imported("skipped", p, e["type"], _NOT_POOLED) for p, e in refused]
+    found = [pair for pair in found if pair not in refused]
     if not found:
-        raise ConfigError(source, "", "no credentials credproxy can use were found in it")
+        raise ConfigError(
+            source, "", "; ".join(["no credentials credproxy can use were found in it", *map(str, skipped)])
+        )
     report: list[Imported] = []
 
     def change(doc: dict[str, Any]) -> bool:
-        report.clear()
+        report[:] = skipped
         for provider, entry in found:
             merged = dict(entry)
             result = merge_entry(doc, provider, merged)
             name = merged.get("label") or merged.get("accountId") or merged["type"]
             report.append(Imported(result, provider, entry["type"], name))
-        return any(item.result != "unchanged" for item in report)
+        return any(item.result not in ("unchanged", "skipped") for item in report)
 
     files.update_document(credentials_file, change, missing_ok=True)
     return report

@@ -154,18 +154,18 @@ IMPORT_SOURCES = {"codex": "~/.codex/auth.json", "pi": "~/.pi/agent/auth.json"}
 
 def cmd_import(args: argparse.Namespace) -> int:
     source = Path(args.path or IMPORT_SOURCES[args.kind]).expanduser()
-    providers = None
+    providers, kinds = None, None
     if args.config:
         config = load_config(args.config)
-        target, providers = config.credentials_file, [p.name for p in config.providers]
+        target, providers, kinds = config.credentials_file, [p.name for p in config.providers], config.kinds
     else:
         target = Path(args.credentials).expanduser().resolve()
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    report = import_report(source, args.kind, target, providers)
+    report = import_report(source, args.kind, target, providers, kinds)
     for item in report:
         print(item)
     print(f"credentials file: {target} (unchanged source: {source})")
-    if any(item.kind == "oauth" for item in report):
+    if any(item.kind == "oauth" and item.result != "skipped" for item in report):
         print(
             "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
             f"{source} stops working: let credproxy own the account, or log the other tool in again."

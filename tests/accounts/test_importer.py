@@ -96,6 +96,36 @@ def test_pi_and_oh_my_pi_files_keep_what_is_already_there(tmp_path: Path) -> Non
     assert "anthropic" not in doc
 
 
+def test_a_claude_subscription_login_in_a_pi_file_is_skipped_and_said_so(tmp_path: Path) -> None:
+    target = tmp_path / "auth.json"
+    pi = {
+        "anthropic": [
+            {"type": "oauth", "access": "sk-ant-oat01-xyz", "refresh": "sk-ant-ort01-xyz", "expires": 1},
+            {"type": "api_key", "key": "sk-ant-api03-team-a"},
+        ],
+        "openai": {"type": "api_key", "key": "sk-new-00000002"},
+    }
+    lines = import_accounts(write_json(tmp_path / "pi.json", pi), "pi", target)
+    assert lines == [
+        "skipped: anthropic oauth (a Claude subscription login: not pooled, see README)",
+        "added: anthropic api_key api_key",
+        "added: openai api_key api_key",
+    ]
+    doc = orjson.loads(target.read_bytes())
+    assert doc["anthropic"] == [{"type": "api_key", "key": "sk-ant-api03-team-a"}]
+    assert "sk-ant-oat01-xyz" not in target.read_text()
+    # The file credproxy wrote is one an anthropic provider accepts.
+    assert len(load_credentials(target, ["anthropic"], {"anthropic": "anthropic"})["anthropic"]) == 1
+    # A provider of kind openai that happens to be named anthropic keeps what it is given.
+    only = {"anthropic": pi["anthropic"][0]}
+    assert import_accounts(
+        write_json(tmp_path / "only.json", only), "pi", tmp_path / "b.json", None, {"anthropic": "openai"}
+    ) == ["added: anthropic oauth oauth"]
+    with pytest.raises(ConfigError, match=r"no credentials credproxy can use.*subscription login"):
+        import_accounts(tmp_path / "only.json", "pi", tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(b"[]", "expected a JSON object"), (b'{"auth_mode": "chatgpt"}', "codex login"), (b"{", "not valid JSON")],
