@@ -98,11 +98,9 @@ def test_pi_and_oh_my_pi_files_keep_what_is_already_there(tmp_path: Path) -> Non
 
 def test_a_claude_subscription_login_in_a_pi_file_is_skipped_and_said_so(tmp_path: Path) -> None:
     target = tmp_path / "auth.json"
+    login = {"type": "oauth", "access": "sk-ant-oat01-xyz", "refresh": "sk-ant-ort01-xyz", "expires": 1}
     pi = {
-        "anthropic": [
-            {"type": "oauth", "access": "sk-ant-oat01-xyz", "refresh": "sk-ant-ort01-xyz", "expires": 1},
-            {"type": "api_key", "key": "sk-ant-api03-team-a"},
-        ],
+        "anthropic": [login, {"type": "api_key", "key": "sk-ant-api03-team-a"}],
         "openai": {"type": "api_key", "key": "sk-new-00000002"},
     }
     lines = import_accounts(write_json(tmp_path / "pi.json", pi), "pi", target)
@@ -117,7 +115,7 @@ def test_a_claude_subscription_login_in_a_pi_file_is_skipped_and_said_so(tmp_pat
     # The file credproxy wrote is one an anthropic provider accepts.
     assert len(load_credentials(target, ["anthropic"], {"anthropic": "anthropic"})["anthropic"]) == 1
     # A provider of kind openai that happens to be named anthropic keeps what it is given.
-    only = {"anthropic": pi["anthropic"][0]}
+    only = {"anthropic": login}
     assert import_accounts(
         write_json(tmp_path / "only.json", only), "pi", tmp_path / "b.json", None, {"anthropic": "openai"}
     ) == ["added: anthropic oauth oauth"]
