@@ -7,15 +7,17 @@ received (which key, which headers, which body bytes, how many attempts) and wha
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from proxy.app import SYNC
 from proxy.core.selection import fnv1a_utf16
 from proxy.testing import fake_anthropic as claude
 from proxy.testing.fake_upstream import FakeUpstream, Recorded
-from tests.conftest import ProxyFactory, RunningProxy
+from tests.conftest import ProxyFactory, RunningProxy, run_credproxy, write_json
 
 KEYS = ("sk-ant-api03-alpha-0001", "sk-ant-api03-bravo-0002", "sk-ant-api03-charlie-03")
 LABELS = ("team-a", "team-b", "team-c")
@@ -384,3 +386,36 @@ async def test_the_client_token_is_accepted_as_claude_codes_api_key_or_auth_toke
         assert (r.status, r.headers["x-should-retry"]) == (401, "false")
         assert "x-api-key: <token>" in (await r.json())["error"]["message"]
     assert len(fake.records) == 1
+
+
+SUBSCRIPTION = {"type": "oauth", "access": "sk-ant-oat01-SUBSCRIPTION", "refresh": "sk-ant-ort01-SUB", "expires": 1}
+
+
+async def test_a_claude_subscription_login_refuses_to_start_saying_why(tmp_path: Path, fake: FakeUpstream) -> None:
+    write_json(tmp_path / "auth.json", {"anthropic": [pool_keys(KEYS[0])["anthropic"][0], SUBSCRIPTION]})
+    providers = {"anthropic": {"mount": "/anthropic", "upstream": f"http://127.0.0.1:{fake.port}"}}
+    config = write_json(tmp_path / "config.json", {"credentials_file": "auth.json", "providers": providers})
+    for command in ("serve", "check"):
+        code, out, err = await run_credproxy(command, "--config", str(config), within=60)
+        said = out + err
+        assert code != 0, said
+        assert f"{tmp_path / 'auth.json'} at anthropic[1]: is a Claude subscription (Pro/Max) login" in said
+        assert "Anthropic's terms" in said
+        assert "third-party service" in said
+        assert "sk-ant-oat01-SUBSCRIPTION" not in said
+    assert fake.records == []
+
+
+async def test_a_subscription_login_added_by_an_edit_is_refused_and_the_last_good_view_serves(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """Never pooled, so its refresh token can never be sent to OpenAI's token endpoint either."""
+    p = await anthropic_proxy(proxy, fake, KEYS[0])
+    write_json(p.credentials_file, {"anthropic": [*pool_keys(KEYS[1])["anthropic"], SUBSCRIPTION]})
+    sync = p.app[SYNC]
+    await sync.step()
+    assert "Claude subscription (Pro/Max) login" in sync.status()["credentials_file_error"]
+    assert [c.label for c in p.pool.credentials("anthropic")] == [LABELS[0]]
+    assert (await claude_code(p))[0] == 200
+    assert fake.tokens() == [KEYS[0]]
+    assert fake.control == []
