@@ -74,12 +74,14 @@ _SUBSCRIPTION_PREFIX = "sk-ant-oat"
 def error_code(doc: Mapping[str, Any]) -> str | None:
     """The error type of an Anthropic error document, or ``None`` when ``doc`` is not one.
 
-    ``{"type": "error", "error": {"type": ...}}`` is the Anthropic shape (an OpenAI error has no
-    top-level ``type``). A 400 saying the credit balance is too low is reported as ``billing_error``:
-    it is the key's organization that cannot pay, not the request that is wrong.
+    ``{"type": "error", "error": {"type": ...}}`` is the Anthropic shape. OpenAI's errors have no
+    top-level ``type``, except its WebSocket and stream error frames, whose error objects carry a
+    ``code`` (``invalid_request_error`` is a type of both APIs): those are left to the OpenAI reading.
+    A 400 saying the credit balance is too low is reported as ``billing_error``: it is the key's
+    organization that cannot pay, not the request that is wrong.
     """
     err = doc.get("error")
-    if doc.get("type") != "error" or not isinstance(err, Mapping):
+    if doc.get("type") != "error" or not isinstance(err, Mapping) or err.get("code") is not None:
         return None
     typ = err.get("type")
     if not isinstance(typ, str) or typ not in ERROR_TYPES:

@@ -177,6 +177,29 @@ def test_the_first_event_of_a_stream(stream: bytes, expected: ErrorInfo | None) 
     assert error_info(parse_json(first)) == expected
 
 
+@pytest.mark.parametrize(
+    ("doc", "code"),
+    [
+        (
+            {
+                "type": "error",
+                "status": 400,
+                "error": {"type": "invalid_request_error", "code": "invalid_encrypted_content"},
+            },
+            "invalid_encrypted_content",
+        ),
+        (
+            {"type": "error", "status": 429, "error": {"type": "usage_limit_reached", "resets_at": 1}},
+            "usage_limit_reached",
+        ),
+    ],
+)
+def test_openai_error_frames_keep_their_codes(doc: dict[str, Any], code: str) -> None:
+    info = error_info(doc)
+    assert info is not None
+    assert info.code == code
+
+
 def test_a_first_event_rate_limit_blocks_until_the_default_or_the_headers() -> None:
     first = split_first_event(sse(RATE_LIMIT_EVENT))
     assert first is not None
@@ -201,6 +224,9 @@ def test_a_first_event_rate_limit_blocks_until_the_default_or_the_headers() -> N
             "billing_error",
         ),
         ({"type": "error", "error": {"type": "invalid_request_error", "message": 5}}, "invalid_request_error"),
+        # OpenAI's error frames share the envelope; their ``code`` says they are not Anthropic's.
+        ({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_encrypted_content"}}, None),
+        ({"type": "error", "status": 429, "error": {"type": "usage_limit_reached", "resets_at": 1}}, None),
     ],
 )
 def test_error_code(doc: dict[str, Any], code: str | None) -> None:
