@@ -26,6 +26,7 @@ from proxy.core import headers as hdrs
 from proxy.core.clock import Clock, readable_until
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
 from proxy.core.credentials import Credential
+from proxy.core.encoding import readable
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
@@ -279,7 +280,8 @@ class Forwarder:
         consecutive = self._pool.state(cred).consecutive_limits
         if status >= 400:
             body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
-            info = error_info(parse_json(body)) if complete and body else None
+            text = readable(body, headers.get("content-encoding")) if complete and body else None
+            info = error_info(parse_json(text)) if text else None
             return classify(status, headers, info, now, consecutive), body
         if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
             prefix = b""

@@ -6,6 +6,7 @@ received (which key, which headers, which body bytes, how many attempts) and wha
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from proxy.app import SYNC
 from proxy.core.selection import fnv1a_utf16
 from proxy.testing import fake_anthropic as claude
-from proxy.testing.fake_upstream import FakeUpstream, Recorded
+from proxy.testing.fake_upstream import FakeUpstream, Recorded, raw
 from tests.conftest import ProxyFactory, RunningProxy, run_credproxy, write_json
 
 KEYS = ("sk-ant-api03-alpha-0001", "sk-ant-api03-bravo-0002", "sk-ant-api03-charlie-03")
@@ -275,6 +276,24 @@ async def test_a_key_out_of_credit_is_blocked_a_day_and_flagged(
     assert (status, headers["x-credproxy-credential"]) == (200, LABELS[SECOND])
     first = state(p, FIRST)
     assert (first.block_reason, first.attention, first.blocked_until) == ("billing_error", True, clock.time() + 86400)
+
+
+async def test_a_gzipped_error_body_is_read_to_classify_it_and_reaches_no_client(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+) -> None:
+    """Claude Code accepts gzip: the body that says "no credit" is inflated for reading alone."""
+    message = "Your credit balance is too low to access the Anthropic API."
+    body = gzip.compress(orjson.dumps(claude.error_body("invalid_request_error", message)))
+    fake.on(raw(400, body, {"Content-Type": "application/json", "Content-Encoding": "gzip"}), token=KEYS[FIRST])
+    fake.on(raw(400, body, {"Content-Type": "application/json", "Content-Encoding": "gzip"}), token=KEYS[SECOND])
+    p = await anthropic_proxy(proxy, fake, KEYS[FIRST], KEYS[SECOND])
+    async with p.post(
+        "/anthropic/v1/messages", data=BODY, headers={**CLAUDE_CODE_HEADERS, "Accept-Encoding": "gzip"}
+    ) as r:
+        assert r.status == 429  # both out of credit: blocked a day each, and said so in Anthropic's shape
+        assert r.headers["x-credproxy-attempts"] == "2"
+    assert [state(p, i).block_reason for i in (FIRST, SECOND)] == ["billing_error", "billing_error"]
+    assert state(p, FIRST).blocked_until == clock.time() + 86400
 
 
 async def test_every_key_limited_gives_a_429_in_anthropics_shape_with_retry_after(
