@@ -6,6 +6,7 @@ received (which key, which headers, which body bytes, how many attempts) and wha
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 from pathlib import Path
@@ -314,6 +315,30 @@ async def test_every_key_limited_gives_a_429_in_anthropics_shape_with_retry_afte
     status, headers, _ = await claude_code(p)
     assert (status, headers["Retry-After"], headers["x-credproxy-attempts"]) == (429, "30", "0")
     assert len(fake.records) == 3
+
+
+async def test_the_sdk_stops_at_once_when_every_key_is_limited_for_long(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """The SDK would sleep for any Retry-After (twice, by default); credproxy's x-should-retry stops it."""
+    import anthropic
+
+    fake.on(claude.rate_limit(retry_after=600))
+    p = await anthropic_proxy(proxy, fake)
+    client = anthropic.AsyncAnthropic(base_url=p.url + "/anthropic", api_key=CLIENT_KEY)  # default retries
+    try:
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            await asyncio.wait_for(
+                client.messages.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+                ),
+                30,
+            )
+    finally:
+        await client.close()
+    assert caught.value.response.headers["retry-after"] == "600"
+    assert "rate limited; retry in 600 s" in caught.value.message
+    assert len(fake.records) == 3  # each key once, and no retry by the SDK
 
 
 async def test_every_key_disabled_gives_a_503_in_anthropics_shape(proxy: ProxyFactory, fake: FakeUpstream) -> None:
