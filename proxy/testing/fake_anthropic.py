@@ -21,17 +21,40 @@ Responders script it per key like the rest of the fake::
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
+from proxy.core.clock import Clock
 from proxy.testing.fake_bodies import encode_event
 
-if TYPE_CHECKING:
-    from proxy.testing.fake_upstream import FakeUpstream, Recorded, Responder
+
+class Recorded(Protocol):
+    """What this module reads of a request the fake upstream recorded (its ``Recorded``): the fake
+    upstream imports this module, so this module names only the shape, never the class."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+    def header(self, name: str) -> str | None: ...
+
+
+class Fake(Protocol):
+    """What this module uses of the fake upstream: its clock and its ids."""
+
+    clock: Clock
+
+    def next_id(self, prefix: str) -> str: ...
+
+
+#: A responder of the fake upstream (``fake.on(responder, ...)``), in the shapes above.
+Responder = Callable[[web.Request, Recorded, Fake], Awaitable[web.StreamResponse]]
 
 MODELS = (
     ("claude-opus-4-5-20251101", "Claude Opus 4.5"),
@@ -162,7 +185,7 @@ def ok(
 ) -> Responder:
     """A success in the shape the path asks for: a message (JSON or SSE), a token count, the models."""
 
-    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+    async def respond(request: web.Request, recorded: Recorded, fake: Fake) -> web.StreamResponse:
         answer = {**ratelimit_headers(fake.clock.time(), remaining, reset_in), **(headers or {})}
         path, body = recorded.path, _body(recorded)
         if path.endswith("/count_tokens"):
@@ -194,7 +217,7 @@ def error(
 ) -> Responder:
     """An error answer of the Messages API, with the key's windows and ``retry-after`` when given."""
 
-    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+    async def respond(request: web.Request, recorded: Recorded, fake: Fake) -> web.StreamResponse:
         answer = ratelimit_headers(fake.clock.time(), remaining, reset_in)
         if retry_after is not None:
             answer["retry-after"] = f"{retry_after:g}"
@@ -241,7 +264,7 @@ def stream_error(
     A request that asked for no stream gets the same error as an HTTP status, as from the real API.
     """
 
-    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+    async def respond(request: web.Request, recorded: Recorded, fake: Fake) -> web.StreamResponse:
         if _body(recorded).get("stream") is not True:
             status = 529 if error_type == "overloaded_error" else 429
             answer = error(status, error_type, message_text, remaining=remaining, reset_in=reset_in)
