@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from proxy.app import SYNC
+from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.testing import fake_anthropic as claude
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, raw
@@ -152,7 +153,7 @@ async def test_claude_codes_request_reaches_the_upstream_with_the_pool_key_only(
 
 
 async def test_a_429_before_the_first_byte_is_replayed_on_the_next_key_with_identical_bytes(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.on(claude.rate_limit(retry_after=17), token=KEYS[FIRST], times=1)
     p = await anthropic_proxy(proxy, fake)
@@ -176,7 +177,7 @@ async def test_a_429_before_the_first_byte_is_replayed_on_the_next_key_with_iden
 
 
 async def test_a_429_without_retry_after_blocks_until_the_earliest_exhausted_window_resets(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.on(claude.rate_limit(retry_after=None, remaining={"input-tokens": 0}, reset_in=42), token=KEYS[FIRST])
     p = await anthropic_proxy(proxy, fake)
@@ -185,7 +186,7 @@ async def test_a_429_without_retry_after_blocks_until_the_earliest_exhausted_win
 
 
 async def test_a_stream_whose_first_event_is_a_rate_limit_error_is_replayed(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     """Peeked before anything reaches the client, like OpenAI's ``response.failed``."""
     fake.on(claude.stream_error("rate_limit_error"), token=KEYS[FIRST])
@@ -199,7 +200,7 @@ async def test_a_stream_whose_first_event_is_a_rate_limit_error_is_replayed(
 
 
 async def test_a_rate_limit_error_later_in_a_stream_is_forwarded_and_blocks_the_key_for_later_requests(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.on(claude.stream_error("rate_limit_error", after=4), token=KEYS[FIRST], times=1)
     p = await anthropic_proxy(proxy, fake)
@@ -255,7 +256,7 @@ async def test_request_errors_go_to_the_client_untouched(
 
 
 async def test_a_key_refused_with_401_is_disabled_and_the_request_replayed(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.on(claude.error(401, "authentication_error", "invalid x-api-key"), token=KEYS[FIRST])
     p = await anthropic_proxy(proxy, fake)
@@ -268,7 +269,7 @@ async def test_a_key_refused_with_401_is_disabled_and_the_request_replayed(
 
 
 async def test_a_key_out_of_credit_is_blocked_a_day_and_flagged(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     message = "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing."
     fake.on(claude.error(400, "invalid_request_error", message), token=KEYS[FIRST])
@@ -280,7 +281,7 @@ async def test_a_key_out_of_credit_is_blocked_a_day_and_flagged(
 
 
 async def test_a_gzipped_error_body_is_read_to_classify_it_and_reaches_no_client(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     """Claude Code accepts gzip: the body that says "no credit" is inflated for reading alone."""
     message = "Your credit balance is too low to access the Anthropic API."
@@ -298,7 +299,7 @@ async def test_a_gzipped_error_body_is_read_to_classify_it_and_reaches_no_client
 
 
 async def test_every_key_limited_gives_a_429_in_anthropics_shape_with_retry_after(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     for key, wait in zip(KEYS, (300, 45, 4000), strict=True):
         fake.on(claude.rate_limit(retry_after=wait), token=key)
@@ -366,7 +367,7 @@ async def test_sessions_stick_to_a_key_by_claude_codes_session_header(proxy: Pro
 
 
 async def test_rate_limit_headers_feed_the_usage_view_and_an_empty_window_is_skipped_before_it_fails(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: Any
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     """A 200 saying "no tokens left until T" keeps the key out of rotation until T, without a 429."""
     fake.on(claude.ok(remaining={"tokens": 0}, reset_in=45), token=KEYS[FIRST], times=1)
