@@ -17,6 +17,7 @@ import pytest
 
 from proxy.app import SYNC
 from proxy.core.clock import ManualClock
+from proxy.core.pool import CredentialState
 from proxy.core.selection import fnv1a_utf16
 from proxy.testing import fake_anthropic as claude
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, raw
@@ -70,7 +71,7 @@ async def claude_code(
         return r.status, dict(r.headers), await r.read()
 
 
-def state(p: RunningProxy, index: int) -> Any:
+def state(p: RunningProxy, index: int) -> CredentialState:
     cred = p.pool.by_label(LABELS[index])
     assert cred is not None
     return p.pool.state(cred)
@@ -376,6 +377,7 @@ async def test_rate_limit_headers_feed_the_usage_view_and_an_empty_window_is_ski
     assert (status, headers["x-credproxy-credential"]) == (200, LABELS[FIRST])
     first = state(p, FIRST)
     assert (first.blocked_until, first.block_reason) == (clock.time() + 45, "usage_exhausted")
+    assert first.usage is not None
     windows = {w.name: (w.used_percent, w.resets_at) for w in first.usage.windows}
     assert windows == {
         "requests": (2.0, clock.time() + 45),
