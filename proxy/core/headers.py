@@ -15,6 +15,7 @@ passes unchanged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import cache
 
@@ -107,3 +108,43 @@ def has_control_characters(items: Iterable[tuple[str, str]]) -> bool:
     """True when a value holds CR, LF or NUL (header injection): such a request is refused."""
     values = "".join([value for _, value in items])
     return "\r" in values or "\n" in values or "\x00" in values
+
+
+#: Headers a request may carry once (aiohttp's server refuses a repeat, and so does the fast server).
+SINGLETONS = frozenset(
+    {
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    }
+)
+
+# RFC 9110 5.5 and RFC 9112 4: a field value and a reason phrase hold HTAB, SP, visible ASCII and
+# obs-text (bytes from 0x80, decoded to characters from U+0080 or to surrogates); a field name is a token.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+
+
+def response_head_problem(status: int, reason: str, items: Iterable[tuple[str, str]]) -> str | None:
+    """What makes an upstream's final response head unfit to relay, or ``None``: a status outside
+    200-599, or a control character (NUL, ESC, DEL...) in the reason phrase, a header name or a value.
+    Both servers then answer 502 instead of relaying (a terminal escape) or failing (a 500)."""
+    if not 200 <= status <= 599:
+        return f"the status {status} is not a final HTTP status"
+    names: list[str] = []
+    values: list[str] = [reason]
+    for name, value in items:
+        names.append(name)
+        values.append(value)
+    if _CONTROL.search("\t".join(values)):
+        return "the reason phrase or a header value holds control characters"
+    if names and not _NAMES.fullmatch("\n".join(names)):
+        return "a header name is not a token"
+    return None

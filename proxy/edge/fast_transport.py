@@ -5,25 +5,26 @@ Theory of operation
 The general aiohttp client spends most of a proxied request's CPU on things a proxy does not need
 (URL objects, cookie jars, multidict header building, tracing hooks, connector bookkeeping). This
 transport does only the protocol work: it serialises the request head from the header list in one
-string, writes head and body in one call, and parses the answer with aiohttp's llhttp-based C parser
-(``aiohttp.http_parser.HttpResponseParser``, the one aiohttp's own client drives) into an aiohttp
-``StreamReader``. The response body therefore has the same flow control as aiohttp's: above 128 KiB
-buffered (the consumer, i.e. the client, is slow) the parser pauses and the socket stops being read,
-so a proxy relaying a stream never buffers it without bound.
+string, writes head and body in one call, and parses the answer with llhttp through ``httptools``'
+public callback API (the same parser aiohttp's own client uses). Body bytes are kept per response
+until they are read; above :data:`READ_BUFFER` buffered bytes (the consumer, i.e. the client, is
+slow) the socket stops being read, so a proxy relaying a stream never buffers it without bound.
 
 Connections are kept per origin, last used first. A connection goes back to the pool only when its
-response was read to the end, the answer was keep-alive, and nothing else arrived; anything else
-closes it. An idle connection is not handed out once it has been idle for ``POOL_IDLE_S`` (well
-below common server keep-alive timeouts) or once the server has closed it.
+response was read to the end, the answer was keep-alive, and **not one byte** came after that
+response: a second (stray, unsolicited) response, or part of one, closes the connection, so it can
+never be taken as the answer to the next request. An idle connection is not handed out once it has
+been idle for ``POOL_IDLE_S`` (well below common server keep-alive timeouts) or once the server has
+closed it; a byte arriving while it is idle closes it.
 
 Timeouts: ``connect_timeout`` for the TCP and TLS handshake, ``header_timeout`` from the write to the
 complete response head, ``idle_timeout`` between body bytes (a watchdog timer per response, moved only
 when it fires, not on every chunk; time spent paused because the client is slow does not count).
 
-Failures map onto :mod:`proxy.errors` exactly as :class:`~proxy.edge.transport.AiohttpTransport`'s do:
-``ConnectFailed`` (nothing was sent: refused, DNS, TLS, connect timeout), ``HeaderTimeout``,
-``UpstreamReset`` (sent, the connection ended without a response head, or the head was invalid),
-``StreamBroken`` (the body ended early, was malformed, or went idle).
+Failures are those of :mod:`proxy.edge.transport`, with its words: ``ConnectFailed`` (nothing was
+sent), ``HeaderTimeout``, ``UpstreamReset`` (sent, the connection ended without a response head, or
+the head was not valid HTTP or not fit to relay), ``StreamBroken`` (the body ended early, was
+malformed, or went idle).
 
 The stale keep-alive retry, and why it is safe
 ----------------------------------------------
@@ -49,37 +50,30 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from urllib.parse import urlsplit
 
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_parser import HttpResponseParser
-from aiohttp.streams import StreamReader
-from yarl import URL
+import httptools
 
 from proxy.config import Limits
-from proxy.core.headers import Headers
+from proxy.core.headers import Headers, response_head_problem
 from proxy.edge.deadline import Deadline
-from proxy.edge.transport import Deliver
-from proxy.errors import ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
+from proxy.edge.transport import (
+    Deliver,
+    connect_failed,
+    header_timeout,
+    invalid_response,
+    no_response,
+    stream_broken,
+    unsendable,
+)
+from proxy.errors import StreamBroken, UpstreamError
 
 #: A pooled connection idle for longer than this is closed instead of reused.
 POOL_IDLE_S = 15.0
-#: Body bytes buffered per response before the socket stops being read (aiohttp's default).
+#: Body bytes buffered per response before the socket stops being read.
 READ_BUFFER = 2**16
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class _PayloadError(Exception):
-    """What the parser sets on a body it could not parse (mapped to StreamBroken on read)."""
-
-
-#: What reading a payload raises besides StreamBroken: a malformed body, a read while another waits.
-_READ_ERRORS = (_PayloadError, RuntimeError, OSError)
-
-
-def _broken(exc: BaseException) -> StreamBroken:
-    return StreamBroken(f"upstream stream broke: {type(exc).__name__}")
 
 
 class _Dropped(Exception):
@@ -94,81 +88,105 @@ class _Origin:
     __slots__ = ("host", "host_header", "idle", "port", "server_hostname", "ssl")
 
     def __init__(self, origin: str, tls: Callable[[], ssl.SSLContext]) -> None:
-        url = URL(origin)
-        if url.scheme not in ("http", "https") or not url.host or url.port is None:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin!r}")
-        self.host = url.host
-        self.port = url.port
-        self.ssl = tls() if url.scheme == "https" else None
-        self.server_hostname = url.host if url.scheme == "https" else None
-        host = f"[{url.host}]" if ":" in url.host else url.host
-        self.host_header = host if url.is_default_port() else f"{host}:{url.port}"
+        default = 443 if parts.scheme == "https" else 80
+        self.host = parts.hostname
+        self.port = parts.port or default
+        self.ssl = tls() if parts.scheme == "https" else None
+        self.server_hostname = self.host if parts.scheme == "https" else None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default else f"{host}:{self.port}"
         self.idle: list[_Connection] = []
 
 
-class _Connection(BaseProtocol):
-    """One upstream connection: at most one request at a time, parsed by llhttp into a StreamReader."""
+class _Connection(asyncio.Protocol):
+    """One upstream connection: at most one request at a time, its answer parsed by llhttp.
+
+    States of the answer: waiting for its head (``_waiter``), then its body (``_chunks`` until read or
+    delivered; ``_done`` at its end; ``_error`` when it broke). ``_extra``: a byte came after the answer.
+    """
 
     __slots__ = (
+        "_buffered",
+        "_chunks",
         "_client_full",
         "_closed",
         "_deliver",
+        "_done",
+        "_error",
+        "_extra",
+        "_framed",
         "_got_bytes",
+        "_head_only",
+        "_headers",
+        "_interim",
+        "_keep_alive",
         "_last",
         "_limits",
-        "_message_done",
-        "_payload",
+        "_loop",
+        "_parser",
+        "_paused",
         "_piped",
-        "_pump_again",
-        "_pumping",
+        "_reader",
+        "_reason",
+        "_status",
         "_waiter",
         "_watchdog",
         "idle_since",
         "origin",
         "reused",
+        "transport",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, origin: _Origin, limits: Limits) -> None:
-        super().__init__(loop)
+        self._loop = loop
         self.origin = origin
         self._limits = limits
+        self.transport: asyncio.Transport | None = None
         self._closed = False
-        self._waiter: asyncio.Future[tuple[Any, StreamReader]] | None = None
-        self._payload: StreamReader | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._watchdog = Deadline(loop)  # the header deadline, then the body's idle one
-        self._got_bytes = False
-        self._message_done = False
+        self._reset()
+        self._paused = False  # the socket is not being read (a slow consumer)
         self._last = 0.0
         self.idle_since = 0.0
         self.reused = False
-        # The pipe (see pipe()): where body chunks go, the future that ends with the body, flow state.
+        # The pipe (see pipe()): where body chunks go, the future that ends with the body.
         self._deliver: Deliver | None = None
         self._piped: asyncio.Future[bytes] | None = None
         self._client_full = False
-        self._pumping = False
-        self._pump_again = False
+        self._reader: asyncio.Future[None] | None = None  # a read() waiting for bytes
+
+    def _reset(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers: Headers = []
+        self._interim = False
+        self._framed = False  # Content-Length or chunked: the end is in the bytes, not the close
+        self._keep_alive = False
+        self._head_only = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._done = False
+        self._error: StreamBroken | None = None
+        self._extra = False
+        self._got_bytes = False
 
     # -- the request's side --------------------------------------------------------------------
 
     def usable(self) -> bool:
         return not self._closed and self.transport is not None and not self.transport.is_closing()
 
-    def send(self, method: str, data: bytes, body: bytes) -> asyncio.Future[tuple[Any, StreamReader]]:
-        """Write one request; the future resolves to (message, payload) when the response head is in."""
+    async def send(self, method: str, data: bytes, body: bytes) -> tuple[int, str, Headers]:
+        """Write one request; returns the final response head (status, reason, headers) when it is in."""
         loop = self._loop
-        self._parser = HttpResponseParser(
-            self,
-            loop,
-            READ_BUFFER,
-            payload_exception=_PayloadError,
-            response_with_body=method != "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-        )
+        self._reset()
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = method == "HEAD"
         self._waiter = waiter = loop.create_future()
-        self._payload = None
-        self._got_bytes = False
-        self._message_done = False
         self._watchdog.set(loop.time() + self._limits.header_timeout, self._on_timer)
         assert self.transport is not None
         if body and len(body) <= 65536:
@@ -177,26 +195,31 @@ class _Connection(BaseProtocol):
             self.transport.write(data)
             if body:
                 self.transport.write(body)
-        return waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:  # the body broke in the bytes that brought the head
+            raise invalid_response(str(self._error))
+        return self._status, self._reason.decode("utf-8", "surrogateescape"), self._headers
 
     def reusable(self) -> bool:
-        """True once the response was read to its end on a keep-alive connection with nothing left over."""
-        payload = self._payload
+        """True once the answer was read to its end on a keep-alive connection, and nothing came after it."""
         return (
             self.usable()
-            and self._message_done
-            and payload is not None
-            and payload.at_eof()
-            and payload.exception() is None
-            and not self._reading_paused
+            and self._done
+            and self._keep_alive
+            and not self._extra
+            and self._error is None
+            and not self._chunks
+            and not self._paused
         )
 
     def release(self) -> None:
+        """Back to the pool: any byte from now on closes the connection."""
         self._watchdog.clear()
         self._unpipe()
         self._parser = None
-        self._payload = None
-        self._waiter = None
 
     def close(self) -> None:
         self._watchdog.cancel()
@@ -204,6 +227,36 @@ class _Connection(BaseProtocol):
         self._closed = True
         if self.transport is not None:
             self.transport.close()
+
+    # -- reading the body ------------------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The body bytes buffered now, or the next ones; ``b""`` at the end. Raises StreamBroken."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._reader = reader = self._loop.create_future()
+            try:
+                await reader
+            finally:
+                self._reader = None
+        return self._take()
+
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._buffered = 0
+        if self._paused and self._deliver is None:
+            self._resume_reading()
+        return data
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
 
     # -- the pipe: body chunks delivered from the callbacks ------------------------------------
 
@@ -217,54 +270,35 @@ class _Connection(BaseProtocol):
         return piped
 
     def resume(self) -> None:
-        """The client drained its buffer: read and deliver again."""
+        """The client drained its buffer: deliver what waits, and read again."""
         if self._deliver is None or not self._client_full:
             return
         self._client_full = False
-        self.resume_reading()  # parses what the pause left in the parser, which pumps
         self._pump()
+        if self._deliver is not None and not self._client_full:
+            self._resume_reading()
 
     def _pump(self) -> None:
-        """Deliver what the payload holds; finish the pipe at the body's end or on an error.
-
-        Reading the payload may resume the transport and parse more (aiohttp's flow control), which
-        calls this again: that nested call only asks the running one to go round once more, so the
-        chunks keep their order."""
-        if self._pumping:
-            self._pump_again = True
+        """Deliver what is buffered; finish the pipe at the body's end or on an error."""
+        if self._deliver is None or self._client_full:
             return
-        payload = self._payload
-        if self._deliver is None or self._client_full or payload is None:
+        if self._error is not None:
+            self._end_pipe(self._error)
             return
-        self._pumping = True
+        if self._done:
+            self._end_pipe(None, self._take() if self._chunks else b"")  # the last bytes go with the client's end
+            return
+        if not self._chunks:
+            return
+        data = self._take()
         try:
-            while self._deliver is not None:
-                self._pump_again = False
-                try:
-                    data = payload.read_nowait(-1)
-                except StreamBroken as exc:
-                    self._end_pipe(exc)
-                    return
-                except _READ_ERRORS as exc:
-                    self._end_pipe(_broken(exc))
-                    return
-                if payload.at_eof():
-                    self._end_pipe(None, data)  # the last bytes go with the client's end, in one write
-                    return
-                if data:
-                    try:
-                        more = self._deliver(data)
-                    except Exception as exc:  # the client went away, or a bug: the relay raises it
-                        self._end_pipe(exc)
-                        return
-                    if not more:
-                        self._client_full = True
-                        self.pause_reading()  # until resume(); the watchdog does not count this time
-                        return
-                if not self._pump_again:
-                    return
-        finally:
-            self._pumping = False
+            more = self._deliver(data)
+        except Exception as exc:  # the client went away, or a bug: the relay raises it
+            self._end_pipe(exc)
+            return
+        if not more:
+            self._client_full = True
+            self._pause_reading()  # until resume(); the watchdog does not count this time
 
     def _end_pipe(self, exc: BaseException | None, tail: bytes = b"") -> None:
         piped = self._piped
@@ -283,49 +317,115 @@ class _Connection(BaseProtocol):
         if piped is not None and not piped.done():
             piped.cancel()
 
+    def _pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._last = self._loop.time()  # time spent paused (the client was slow) never counts as idle
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
     # -- the event loop's side -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not registered subclasses
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:
-            if data:  # bytes nobody asked for: this connection's framing can no longer be trusted
-                self.close()
+        if parser is None or self._done:
+            self._stray()  # bytes nobody asked for: this connection's framing can no longer be trusted
             return
-        if data:
-            self._got_bytes = True
-            self._last = self._loop.time()
+        self._got_bytes = True
+        self._last = self._loop.time()
         try:
-            messages, upgraded, _ = parser.feed_data(data)
-        except Exception as exc:
-            self._fail(f"invalid response from the upstream: {type(exc).__name__}")
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(invalid_response("the upstream switched protocols"))
             return
-        for message, payload in messages:
-            if self._payload is not None or upgraded:
-                self._fail("the upstream sent more than one response")
-                return
-            if 100 <= message.code < 200:
-                continue  # interim (1xx) answers are skipped; the final one follows
-            self._payload = payload
-            self._message_done = payload.is_eof()  # no body (HEAD, 204, 304, length 0), or all of it is in
-            if not self._message_done:
-                payload.on_eof(self._on_body_end)
-            if message.should_close:
-                self._closed = True  # answer read to its end, then the connection goes
-            self._start_idle_watch()
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result((message, payload))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if self._extra or self._done:
+                self._stray()
+            elif isinstance(cause, _Invalid):
+                self._fail(invalid_response(str(cause)))
+            elif self._waiter is not None and not self._waiter.done():
+                self._fail(invalid_response(f"not valid HTTP ({exc})"))
+            else:
+                self._fail(stream_broken(f"malformed body ({exc})"))
+            return
+        if self._extra:
+            self._stray()
+        if self._buffered > READ_BUFFER and self._deliver is None:
+            self._pause_reading()
         if self._deliver is not None:
             self._pump()
+        else:
+            self._wake_reader()
 
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # aiohttp's StreamReader calls this after every read that leaves its buffer low, paused or not;
-        # the base class then feeds the parser b"" and resumes the transport. Only pause_reading()
-        # pauses the parser or the transport here, so when it has not, there is nothing to resume.
-        if not self._reading_paused:
+    def _stray(self) -> None:
+        """A byte after the answer: the answer stands; the connection is never reused."""
+        self._extra = True
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._extra = True  # a second response: stop here, close the connection
+            raise _Stray
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # interim (1xx) answers are skipped; the final one follows
             return
-        self._last = self._loop.time()  # time spent paused (the client was slow) never counts as upstream idle
-        super().resume_reading(resume_parser)
+        self._status = status
+        self._keep_alive = parser.should_keep_alive()
+        problem = response_head_problem(status, self._reason.decode("utf-8", "surrogateescape"), self._headers)
+        if problem is not None:
+            raise _Invalid(problem)
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == "content-length" or (lower == "transfer-encoding" and "chunked" in value.lower()):
+                self._framed = True
+        self._start_idle_watch()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._head_only or status in (204, 304):
+            self._finish()  # no body, whatever the head says; a byte after it is a stray
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            self._extra = True  # a body after a head-only answer
+            raise _Stray
+        self._chunks.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._reason = b""
+            self._headers = []
+            return
+        if not self._done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._watchdog.clear()
 
     def eof_received(self) -> bool:
         self._closed = True
@@ -340,81 +440,71 @@ class _Connection(BaseProtocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Dropped(self._got_bytes))
-        elif self._payload is not None and self._parser is not None and not self._payload.is_eof():
-            try:
-                self._parser.feed_eof()  # completes a body delimited by the close; raises if cut short
-            except Exception as error:
-                self._payload.set_exception(StreamBroken(f"upstream stream broke: {type(error).__name__}"))
-            if not self._payload.is_eof():
-                self._payload.set_exception(StreamBroken("upstream stream broke: connection closed"))
+        elif self._status and not self._done and self._error is None:
+            if self._framed:
+                self._error = stream_broken("connection closed")
+            else:
+                self._finish()  # a body delimited by the close: complete
+                self._keep_alive = False
         if self._deliver is not None:
             self._pump()
-        super().connection_lost(exc)
+        self._wake_reader()
+        self.transport = None
 
-    def _on_body_end(self) -> None:
-        self._message_done = True
-        self._watchdog.clear()
-
-    def _fail(self, reason: str) -> None:
+    def _fail(self, error: UpstreamError) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamReset(reason))
-        elif self._payload is not None and not self._payload.is_eof():
-            self._payload.set_exception(StreamBroken(reason))
+            waiter.set_exception(error)
+        elif self._error is None and not self._done:
+            self._error = error if isinstance(error, StreamBroken) else stream_broken(str(error))
             self._pump()
+            self._wake_reader()
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
 
     def _start_idle_watch(self) -> None:
         self._watchdog.clear()
-        if not self._message_done:
-            self._last = now = self._loop.time()
-            self._watchdog.set(now + self._limits.idle_timeout, self._on_timer)
+        self._last = now = self._loop.time()
+        self._watchdog.set(now + self._limits.idle_timeout, self._on_timer)
 
     def _on_timer(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(HeaderTimeout("the upstream sent no response headers in time"))
-            self._closed = True
-            if self.transport is not None:
-                self.transport.abort()
+            self._fail(header_timeout())
             return
-        payload = self._payload
-        if payload is None or self._message_done or payload.is_eof():
+        if self._done or self._error is not None:
             return
         now = self._loop.time()
         idle = self._limits.idle_timeout
-        if self._reading_paused:  # the client is slow, not the upstream
+        if self._paused:  # the client is slow, not the upstream
             self._watchdog.set(now + idle, self._on_timer)
         elif now - self._last >= idle:
-            payload.set_exception(StreamBroken("upstream stream broke: idle timeout"))
-            self._pump()
-            self._closed = True
-            if self.transport is not None:
-                self.transport.abort()
+            self._fail(stream_broken("idle timeout"))
         else:
             self._watchdog.set(self._last + idle, self._on_timer)
 
 
-class _FastResponse:
-    __slots__ = ("_connection", "_payload", "_transport", "headers", "reason", "status")
+class _Stray(Exception):
+    """Raised from a parser callback: bytes came after the answer."""
 
-    def __init__(self, transport: FastTransport, connection: _Connection, message: Any, payload: StreamReader) -> None:
+
+class _Invalid(Exception):
+    """Raised from a parser callback: the response head is not fit to relay."""
+
+
+class _FastResponse:
+    __slots__ = ("_connection", "_transport", "headers", "reason", "status")
+
+    def __init__(self, transport: FastTransport, connection: _Connection, head: tuple[int, str, Headers]) -> None:
         self._transport = transport
         self._connection: _Connection | None = connection
-        self._payload = payload
-        self.status: int = message.code
-        self.reason: str = message.reason or ""
-        self.headers: Headers = list(message.headers.items())
+        self.status, self.reason, self.headers = head
 
     async def read(self) -> bytes:
-        try:
-            return await self._payload.readany()
-        except StreamBroken:
-            raise
-        except _READ_ERRORS as exc:
-            raise _broken(exc) from None
+        if self._connection is None:
+            return b""
+        return await self._connection.read()
 
     def pipe(self, deliver: Deliver) -> asyncio.Future[bytes] | None:
         return None if self._connection is None else self._connection.pipe(deliver)
@@ -452,9 +542,13 @@ class FastTransport:
             self._ssl_context = context
         return self._ssl_context
 
+    def idle_connections(self) -> int:
+        """Connections waiting in the pool, every origin together."""
+        return sum(len(spot.idle) for spot in self._origins.values())
+
     async def request(self, method: str, origin: str, target: str, headers: Headers, body: bytes) -> _FastResponse:
         if self._closed:
-            raise ConnectFailed("the upstream transport is closed")
+            raise connect_failed(None)
         spot = self._origins.get(origin)
         if spot is None:
             spot = self._origins[origin] = _Origin(origin, self._tls)
@@ -466,20 +560,19 @@ class FastTransport:
                 connection = await self._connect(spot)
                 if not connection.usable():  # closed by the server before we wrote a byte
                     connection.close()
-                    raise ConnectFailed("the upstream closed the connection before the request was sent")
-            waiter = connection.send(method, head, body)
+                    raise connect_failed(None)
             try:
-                message, payload = await waiter
+                answer = await connection.send(method, head, body)
             except _Dropped as exc:
                 connection.close()
                 if connection.reused and not exc.got_bytes and method in IDEMPOTENT and not retried:
                     retried = True  # a stale keep-alive connection: once more, on a new one (module docstring)
                     continue
-                raise UpstreamReset("the upstream closed the connection without a response") from None
+                raise no_response() from None
             except BaseException:
                 connection.close()
                 raise
-            return _FastResponse(self, connection, message, payload)
+            return _FastResponse(self, connection, answer)
 
     def _take(self, spot: _Origin) -> _Connection | None:
         idle = spot.idle
@@ -517,13 +610,8 @@ class FastTransport:
                     server_hostname=spot.server_hostname,
                     ssl_handshake_timeout=limits.connect_timeout if spot.ssl else None,
                 )
-        except TimeoutError:
-            raise ConnectFailed("connecting to the upstream timed out") from None
-        except ssl.SSLError as exc:
-            reason = exc.reason or type(exc).__name__
-            raise ConnectFailed(f"cannot connect to the upstream: TLS failed ({reason})") from None
-        except OSError as exc:
-            raise ConnectFailed(f"cannot connect to the upstream: {exc.strerror or type(exc).__name__}") from None
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            raise connect_failed(exc) from None
         return connection
 
     async def close(self) -> None:
@@ -543,5 +631,5 @@ def _serialise(method: str, target: str, host: str, headers: Headers, body: byte
     head = "".join(lines)
     expected = len(lines) + 1  # the first element holds two lines (request line and Host)
     if "\x00" in head or head.count("\n") != expected or head.count("\r") != expected:
-        raise RequestRejected(400, "the request has a header value or path that cannot be forwarded")
+        raise unsendable()
     return head.encode("utf-8", "surrogateescape")

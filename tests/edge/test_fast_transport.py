@@ -22,9 +22,9 @@ import pytest
 
 from proxy.app import default_transport
 from proxy.config import Limits, parse_config
+from proxy.edge.aiohttp_transport import AiohttpTransport
 from proxy.edge.eventloop import uvloop
 from proxy.edge.fast_transport import READ_BUFFER, FastTransport
-from proxy.edge.transport import AiohttpTransport
 from proxy.errors import ConfigError, ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 
 LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
@@ -507,12 +507,12 @@ def test_a_slow_consumer_pauses_reading_instead_of_buffering_the_whole_body(run:
             transport = FastTransport(Limits(idle_timeout=0.2))
             response = await transport.request("GET", server.origin, "/", [], b"")
             await asyncio.sleep(0.6)  # the consumer is slow; the server keeps writing
-            buffered = response._payload._size
             assert response._connection is not None
-            assert response._connection._reading_paused
+            buffered = response._connection._buffered
+            assert response._connection._paused
             assert buffered <= 2 * READ_BUFFER + 256 * 1024  # high water plus at most one socket read
             received = b""
-            while response._connection._reading_paused:
+            while response._connection._paused:
                 received += await response.read()
             # The watchdog firing just after the resume, before any new byte: not an idle upstream.
             response._connection._on_timer()
@@ -626,7 +626,7 @@ def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
             await asyncio.sleep(0.6)  # the server keeps writing; the connection must not read on
             connection = response._connection
             assert connection is not None
-            assert connection._reading_paused
+            assert connection._paused
             assert sum(map(len, got)) <= 2 * READ_BUFFER + 256 * 1024  # at most a buffer and a socket read
             assert len(got) == 1
             assert not piped.done()
