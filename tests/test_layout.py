@@ -51,10 +51,7 @@ def test_the_core_imports_only_the_core() -> None:
 
 
 def test_no_import_cycles() -> None:
-    graph = {
-        name: {m for m in imports(path) if m in MODULES and m != name}
-        for name, path in MODULES.items()
-    }
+    graph = {name: {m for m in imports(path) if m in MODULES and m != name} for name, path in MODULES.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, trail: list[str]) -> None:

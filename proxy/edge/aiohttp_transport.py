@@ -1,11 +1,17 @@
 """The upstream :class:`~proxy.edge.transport.Transport` on aiohttp's client (``"transport": "aiohttp"``).
 
-One ``aiohttp.ClientSession``: keep-alive pool, no cookie jar (an account's cookies must not follow
-the next account), no redirects, no environment proxies, no decompression (bytes and
-``Content-Encoding`` pass through), no total timeout (a long stream that keeps progressing is never
-cut), an idle read timeout instead. aiohttp's exceptions become the seam's failures here, with the
-words of :mod:`proxy.edge.transport`. A connection goes back to aiohttp's pool only when the body was
-read to its end; any other close drops it.
+One ``aiohttp.ClientSession``: no cookie jar (an account's cookies must not follow the next
+account), no redirects, no environment proxies, no decompression (bytes and ``Content-Encoding`` pass
+through), no total timeout (a long stream that keeps progressing is never cut), an idle read timeout
+instead. aiohttp's exceptions become the seam's failures here, with the words of
+:mod:`proxy.edge.transport`.
+
+**One connection per request** (``force_close``). aiohttp's client keeps parsing what arrives on a
+pooled connection after a response, and its public API cannot say that bytes came beyond the
+response: a stray response from the upstream, or part of one, would be read as the answer to the
+next request on that connection, another client's (issue 16, tests/e2e/test_bad_upstream.py). The
+default transport (:mod:`proxy.edge.fast_transport`) sees every byte and keeps connections alive
+safely; this one pays a connection per request for the same guarantee.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class AiohttpTransport:
     def __init__(self, limits: Limits, pool_size: int = 1000) -> None:
         self._header_timeout = limits.header_timeout
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=300, force_close=True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=False,

@@ -727,3 +727,60 @@ def test_an_unknown_transport_is_refused_naming_the_key() -> None:
     providers = {"openai": {"mount": "/openai", "upstream": "https://api.openai.com/v1"}}
     with pytest.raises(ConfigError, match="at transport: must be one of fast, aiohttp"):
         parse_config(Path("config.json"), {"providers": providers, "transport": "curl"})
+
+
+# Bytes beyond one response, and heads unfit to relay (issue 16) -----------------------------------
+
+
+@pytest.mark.parametrize("stray", [ok(b"stray"), ok(b"stray")[:20], b"junk"], ids=["whole", "partial", "junk"])
+@pytest.mark.parametrize("when", ["with-the-answer", "while-idle"])
+def test_a_connection_that_carried_bytes_beyond_its_response_is_closed_not_reused(
+    run: Any, stray: bytes, when: str
+) -> None:
+    idle = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if conn.server.connections > 1:
+            await answer_all(conn)
+            return
+        await conn.request()
+        await conn.send(ok(b"one") + (stray if when == "with-the-answer" else b""))
+        if when == "while-idle":
+            await idle.wait()
+            await conn.send(stray)
+        await answer_all(conn)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            transport = FastTransport(LIMITS)
+            assert await get(transport, server) == (200, b"one")
+            if when == "while-idle":
+                idle.set()
+                for _ in range(200):  # until the pool has seen the stray and dropped the connection
+                    if transport.idle_connections() == 0:
+                        break
+                    await asyncio.sleep(0.01)
+            assert await get(transport, server) == (200, b"ok")
+            assert server.connections == 2
+            await transport.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 999 OK\r\nContent-Length: 0\r\n\r\n"],
+)
+def test_a_head_unfit_to_relay_is_upstream_reset_and_the_connection_is_dropped(run: Any, answer: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(answer)
+        await conn.wait_closed_by_client()
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            with pytest.raises(UpstreamReset, match="invalid response"):
+                await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
+            await server.client_closed.wait()
+
+    run(scenario())
