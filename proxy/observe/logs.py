@@ -63,8 +63,9 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if record.name.startswith("aiohttp") and _malformed_request(exc):
-            record.msg, record.args = "refused a malformed request: %s (%s)", (type(exc).__name__, exc.code)
+        if exc is not None and record.name.startswith("aiohttp") and _malformed_request(exc):
+            code = getattr(exc, "code", 400)
+            record.msg, record.args = "refused a malformed request: %s (%s)", (type(exc).__name__, code)
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         known = self.known()
@@ -299,10 +300,10 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _malformed_request(exc: BaseException | None) -> bool:
+def _malformed_request(exc: BaseException) -> bool:
     """aiohttp's server refusing a request it cannot parse (its ``HttpProcessingError``, which aiohttp
     does not export publicly: recognised by its class name, with no import of aiohttp's internals)."""
-    return exc is not None and any(cls.__name__ == "HttpProcessingError" for cls in type(exc).__mro__)
+    return any(cls.__name__ == "HttpProcessingError" for cls in type(exc).__mro__)
 
 
 def configure(settings: Logging, known: KnownSecrets = tuple, stream: Any = None) -> logging.Handler:
