@@ -23,6 +23,7 @@ transport met it, split by what it means for a replay:
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Callable
 from typing import Protocol
@@ -78,8 +79,9 @@ def connect_failed(cause: BaseException | None) -> ConnectFailed:
         return ConnectFailed("connecting to the upstream timed out")
     if isinstance(cause, ssl.SSLError):
         return ConnectFailed(f"cannot connect to the upstream: TLS failed ({cause.reason or type(cause).__name__})")
-    if isinstance(cause, OSError):
-        return ConnectFailed(f"cannot connect to the upstream: {cause.strerror or type(cause).__name__}")
+    if isinstance(cause, OSError):  # by its errno: the words of the OS, not those of the library's wrapper
+        reason = os.strerror(cause.errno) if cause.errno else cause.strerror or type(cause).__name__
+        return ConnectFailed(f"cannot connect to the upstream: {reason}")
     return ConnectFailed(f"cannot connect to the upstream: {type(cause).__name__}")
 
 

@@ -270,9 +270,7 @@ def websocket(path: bytes) -> bytes:
 NOWHERE = b"GET /nowhere/x HTTP/1.1\r\n" + HOST + b"\r\n"  # a 404 credproxy makes itself
 
 
-async def test_a_websocket_upgrade_goes_to_aiohttps_server(
-    proxy: ProxyFactory, fake: FakeUpstream
-) -> None:
+async def test_a_websocket_upgrade_goes_to_aiohttps_server(proxy: ProxyFactory, fake: FakeUpstream) -> None:
     """The rule (proxy/edge/dispatch.py): only a GET that llhttp reads as an upgrade to websocket is
     handed over. aiohttp's server names itself in a ``Server`` header on the answers it makes; the
     fast server sends none."""
