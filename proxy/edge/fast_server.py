@@ -256,8 +256,11 @@ class FastConnection(asyncio.Protocol):
             self.on_drain()
 
     def data_received(self, data: bytes) -> None:
-        if self._rest is not None:  # upgraded: these bytes are the next protocol's
+        if self._rest is not None:  # after an upgrade (the next protocol's bytes) or a refusal: kept, not parsed
             self._rest += data
+            if len(self._rest) > PIPELINE_LIMIT and not self._read_paused and self._transport is not None:
+                self._read_paused = True
+                self._transport.pause_reading()
             return
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -467,6 +470,9 @@ class FastConnection(asyncio.Protocol):
         rest, self._rest = self._rest or bytearray(), bytearray()
         self._table.release(self)
         if transport is not None:
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
             self._settings.upgrade(self, transport, request.head_bytes() + rest)
 
     def _cut(self) -> None:

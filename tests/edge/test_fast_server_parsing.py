@@ -205,3 +205,27 @@ def test_other_upgrades_are_plain_requests(harness: Harness, raw: bytes) -> None
     assert harness.upgraded == []
     assert len(harness.seen) == 1
     assert harness.statuses() == [200]
+
+
+def test_bytes_behind_an_upgrade_in_waiting_are_bounded(harness: Harness) -> None:
+    """An upgrade request queued behind one in progress: what follows it is kept for the next protocol,
+    and reading stops once that is more than PIPELINE_LIMIT bytes."""
+    release = asyncio.Event()
+
+    async def slow(incoming: Incoming, client: Client) -> int:
+        await release.wait()
+        await client.begin(200, "OK", [("Content-Length", "0")], False)
+        await client.end()
+        return 200
+
+    harness.connection._settings = harness.connection._settings._replace(serve=slow)
+    upgrade = b"GET /codex/responses HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    run(harness, b"GET /openai/models HTTP/1.1\r\n" + H + b"\r\n" + upgrade)
+    for _ in range(10):
+        run(harness, b"\x81" * 10_000)
+    assert not harness.transport.reading
+    assert harness.upgraded == []
+    release.set()
+    run(harness, b"")
+    assert harness.upgraded == [upgrade + b"\x81" * 100_000]
+    assert harness.transport.reading
