@@ -141,6 +141,10 @@ class _Request:
         return "".join(lines).encode("utf-8", "surrogateescape")
 
 
+#: What the parser reads before a first request begins (never changed: on_message_begin replaces it).
+_NONE = _Request()
+
+
 def _refused(status: int, message: str, code: str = "invalid_request") -> _Request:
     request = _Request()
     request.refused = _Refused(status, message, code)
@@ -187,7 +191,7 @@ class FastConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._wait = HeadWait(self, table)
         self._parser = httptools.HttpRequestParser(self)
-        self._parsing = _Request()  # the request the parser is reading
+        self._parsing = _NONE  # the request the parser is reading
         self._url = b""
         self._queue: deque[_Request] = deque()  # parsed, waiting for the one in progress
         self._pending = 0  # bytes read behind the request in progress
