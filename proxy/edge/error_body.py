@@ -38,6 +38,8 @@ def refusal_response(refusal: Refusal) -> web.Response:
     """What a client the guard refused gets; it gets no kept-alive connection to sit on."""
     response = error_response(refusal.status, refusal.message, refusal.code)
     response.force_close()
+    # Retrying cannot help; Claude Code would retry a 401 ten times over three minutes without it.
+    response.headers["x-should-retry"] = "false"
     if refusal.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="credproxy"'
     return response
