@@ -83,6 +83,7 @@ class Server:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     client_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def origin(self) -> str:
@@ -90,6 +91,9 @@ class Server:
 
     async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
         try:
             await self.handler(Conn(reader, writer, self))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -107,6 +111,9 @@ async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncI
         yield server
     finally:
         listener.close()
+        for task in server.handlers:  # none outlives the scenario's loop
+            task.cancel()
+        await asyncio.gather(*server.handlers, return_exceptions=True)
 
 
 def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
