@@ -24,7 +24,8 @@ from proxy.app import default_transport
 from proxy.config import Limits, parse_config
 from proxy.edge.aiohttp_transport import AiohttpTransport
 from proxy.edge.eventloop import uvloop
-from proxy.edge.fast_transport import READ_BUFFER, FastTransport
+from proxy.edge.fast_transport import FastTransport
+from proxy.edge.upstream_connection import READ_BUFFER
 from proxy.errors import ConfigError, ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 
 LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
