@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,12 +71,24 @@ class RedisServer:
     async def kill(self) -> None:
         """SIGKILL: connections drop, nothing is flushed (and nothing is kept: no persistence)."""
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server must be able to die
             self.process.kill()
             await self.process.wait()
             self.process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered; commands queue in the socket buffers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the queued commands run now, late."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     async def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
                 await asyncio.wait_for(self.process.wait(), 10)

@@ -1,33 +1,41 @@
-"""Token custody for ChatGPT/Codex accounts: refresh exactly once, never lose a rotated token.
+"""Token custody for ChatGPT/Codex accounts: one token call per incident, never a stale token, never a lost one.
 
 Theory of operation
 -------------------
-Refresh tokens are single-use: two refreshes of one credential with the same refresh token make
-the second fail with ``refresh_token_reused`` (and may revoke the account's whole grant). So a
-refresh is a critical section, per credential, across tasks *and* processes:
+Refresh tokens are single-use: redeeming one twice answers ``refresh_token_reused`` and may revoke the
+account's whole token family, so that a human must log in again. Everything here serves one rule:
+**a refresh token is sent at most once, unless nobody can know whether it was redeemed.**
 
-1. an ``asyncio.Lock`` per credential (single flight in this process); whoever waited finds the
-   tokens already replaced and uses them;
-2. a per-credential lock *file* beside the credentials file (``auth.json.<hash>.refresh.lock``),
-   held across the token call, so another process sharing the file waits too;
-3. under that lock, re-read the credentials file: when it holds a newer refresh token than ours,
-   another process already refreshed: adopt its tokens instead of calling the endpoint;
-4. call the token endpoint once; on success use the new tokens at once and persist them (merged into
-   the current file, atomically). If persisting fails, memory holds the only valid refresh token: it
-   keeps serving, and :meth:`Custodian.flush` retries the write until it lands;
-5. a permanent failure (``invalid_grant``, ``refresh_token_*``) re-reads the file once more (a
-   winner may have written meanwhile); if nothing newer is there the credential "needs re-login":
-   kept in the file with its tokens, skipped, shown in status. A transient failure (5xx, timeout)
-   is never retried at once with the same refresh token: the credential is skipped for a while
-   (its still-valid access token, if any, keeps serving) and tried again later, after a re-read.
-
-Replicas that share no file (different hosts) also hold the custody in a shared store
-(:class:`SharedTokens`, on Redis: :mod:`proxy.storage.redis_custody`), inside the file lock: the store yields a
-*fence* for the refresh, the re-read of step 3 asks the store for newer tokens first, and new tokens
-are written there with the fence (a stale holder's write is refused and it adopts the newer tokens).
-While the store is unreachable only the file lock holds; a token that is still valid for a while is
-then not refreshed at all (replicas on other hosts cannot be excluded, and the store may be back
-before the token expires).
+1. **Requests never wait on a refresh while their access token serves.** A token inside the refresh
+   margin is refreshed in the background (:meth:`Custodian.refresh_soon`); only a request whose access
+   token has expired (or was refused upstream) waits for the refresh, at most ``wait_bound`` seconds,
+   and then moves on to another account.
+2. **One refresh task per credential**, shared by everyone who needs it: in this process, waiters
+   await the same task and follow its outcome (new tokens, a back-off, a dead grant); they never call
+   again.
+3. **Custody across processes and replicas**: the task holds a per-credential lock file beside the
+   credentials file (processes sharing it) and, on Redis, a lock there too (:class:`SharedTokens`).
+   A lock that cannot be taken (busy, timeout, Redis unreachable) means *unknown*, never *free*: no
+   token call then; the account serves on its access token, or is skipped for now.
+4. **Under the custody, re-read, then follow**: the state file's ledger (:mod:`proxy.core.ledger`:
+   spent refresh tokens, the last attempt and its outcome, written by whichever process made it) and
+   newer tokens (in Redis, in the credentials file), adopted only when newer by the ordering rule
+   (:mod:`proxy.core.generations`). :func:`proxy.core.ledger.next_step` then says whether to call.
+5. **The call**: its intent is recorded first (``PENDING``: a holder that dies during the call leaves
+   an ambiguous attempt behind, not a free token); the answer's tokens are written to the credentials
+   file **before anything else happens with them** (the one window in which a kill loses a rotated
+   token is the write itself, measured in ``status()``), then the ledger (the refresh token is
+   spent), then Redis, then the pool.
+6. **Failures**: a dead grant (``invalid_grant``, ``refresh_token_*``) re-reads once for a winner's
+   tokens, else "needs re-login" (kept in the file, skipped, shown). An *ambiguous* failure (timeout,
+   reset, 5xx, unusable tokens in a 200, a holder that died) may have rotated server-side: the same
+   refresh token is not sent again while the access token serves, and then at most once per back-off
+   period (:func:`proxy.core.backoff.backoff`) for every process sharing the ledger. A refusal that
+   certainly redeemed nothing (429, no connection) is retried after the back-off.
+7. **Adoption**: tokens from the credentials file (hot reload), another process or Redis are taken
+   only when newer (:meth:`Custodian.reconcile`, :meth:`Custodian.adopt`); a spent refresh token
+   never. After a stale write by someone else (an editor's old copy), our newer tokens are written
+   back into the file, merged with whatever else they changed (an account they added stays).
 """
 
 from __future__ import annotations
@@ -36,18 +44,23 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 from filelock import FileLock, Timeout
 
+from proxy.accounts import custody_files, token_endpoint
 from proxy.core import oauth
 from proxy.core.backoff import backoff
 from proxy.core.clock import Clock
-from proxy.core.credentials import Credential, entries, parse_credentials
+from proxy.core.credentials import Credential
+from proxy.core.generations import Order, Stamp, compare, stamp
+from proxy.core.ledger import EMPTY, Attempt, Outcome, Record, Step, merge, next_step
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import Secret
@@ -56,13 +69,17 @@ from proxy.storage import files
 
 log = logging.getLogger("credproxy.custody")
 
-#: Skip a credential this long after a transient refresh failure (doubling, up to RETRY_MAX).
+#: After a failed token call, the same refresh token waits this long (doubling, up to RETRY_MAX).
 RETRY_FIRST = 30.0
 RETRY_MAX = 900.0
 TOKEN_CALL_TIMEOUT = 30.0
 REFRESH_LOCK_TIMEOUT = TOKEN_CALL_TIMEOUT + 15.0
-#: While the shared custody is down, a token valid for longer than this is not refreshed yet.
-LOCAL_ONLY_MARGIN = 60.0
+#: A request whose access token has expired waits this long for the refresh, then moves on.
+REFRESH_WAIT = 5.0
+#: When the custody could not be taken (a lock busy or unknown), look again after this long.
+UNKNOWN_RETRY = 2.0
+#: At shutdown, running refreshes get this long to finish (and write their tokens) before being cancelled.
+CLOSE_WAIT = 5.0
 
 
 class RefreshLock(Protocol):
@@ -71,23 +88,44 @@ class RefreshLock(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Tokens another replica stored, as the shared store hands them out."""
+
+    tokens: Credential
+    generation: int = 0  # credproxy's number for them (0: unknown)
+    supersedes: bool = False  # the store knows the held refresh token as one these replaced (spent)
+
+
 class SharedTokens(Protocol):
     """Where replicas that share no file hold the refresh custody and exchange rotated tokens."""
 
     def available(self) -> bool:
-        """False while the store is unreachable (only the local file lock holds then)."""
+        """False while the store is unreachable."""
+        ...
+
+    def settling(self, cred: Credential) -> float:
+        """Seconds before this replica may refresh ``cred`` (its offer just seeded an empty store)."""
         ...
 
     def hold(self, cred: Credential) -> contextlib.AbstractAsyncContextManager[int | None]:
-        """The custody of ``cred`` across replicas: yields its fence, or ``None`` when the store is down."""
+        """The custody of ``cred`` across replicas: yields its fence, or ``None`` when unknown (do not call)."""
         ...
 
-    async def newest(self, cred: Credential) -> Credential | None:
-        """Tokens newer than ``cred``'s, if the store has them."""
+    async def newest(self, cred: Credential) -> Offer | None:
+        """The store's tokens for ``cred`` when they differ from ``cred``'s (the custodian judges them)."""
         ...
 
-    async def store(self, old: Credential, fresh: Credential, fence: int | None) -> Credential | None:
-        """Publish ``fresh`` tokens (they replace ``old``'s); the newer tokens to adopt if a newer holder wrote."""
+    async def attempt(self, cred: Credential) -> Attempt | None:
+        """The last token call any replica recorded for ``cred``."""
+        ...
+
+    async def record(self, cred: Credential, attempt: Attempt) -> None:
+        """Record a token call (its intent, then its outcome) for the other replicas."""
+        ...
+
+    async def store(self, old: Credential, fresh: Credential, fence: int | None, generation: int) -> Offer | None:
+        """Publish ``fresh`` (they replace ``old``'s); the newer tokens to adopt if a newer holder wrote."""
         ...
 
 
@@ -119,7 +157,7 @@ class FileRefreshLock:
 
 
 class Custodian:
-    """Refreshes OAuth credentials of the pool and persists their tokens."""
+    """Refreshes OAuth credentials of the pool, adopts newer tokens from elsewhere, persists them."""
 
     def __init__(
         self,
@@ -133,55 +171,178 @@ class Custodian:
         self._pool = pool
         self._clock = clock
         self._path = credentials_file
+        self.state_file = files.state_path(credentials_file)
         self._session = session
         self._lock = lock or FileRefreshLock(credentials_file)
         self._write_hook = write_hook
-        self._flight: dict[str, asyncio.Lock] = {}
-        self._retry_at: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
+        self._tasks: dict[str, asyncio.Task[Credential | None]] = {}
+        self._refused: dict[str, str] = {}  # credential id -> the access token the upstream refused (a digest)
+        self._backoff_until: dict[str, tuple[Attempt, float]] = {}  # the attempt, and its end on the monotonic clock
+        self._pause_until: dict[str, float] = {}  # monotonic: custody unknown, look again after
+        self._paused_why: dict[str, str] = {}
+        self.ledger: dict[str, Record] = {}
+        self._unsaved: set[str] = set()  # ledger records not yet in the state file
         self.unpersisted: dict[str, Credential] = {}
         self.token_calls = 0
+        #: Seconds from a token answer's arrival to its tokens replacing the credentials file (the last 100).
+        self.windows: deque[float] = deque(maxlen=100)
+        self.wait_bound = REFRESH_WAIT
+        self.token_timeout = TOKEN_CALL_TIMEOUT
         self.shared: SharedTokens | None = None
 
-    def may_refresh(self, cred: Credential) -> bool:
-        """False while a credential waits out a transient refresh failure."""
-        return self._clock.time() >= self._retry_at.get(cred.id, 0.0)
+    # What requests ask --------------------------------------------------------------------------
 
-    async def refresh(self, cred: Credential, reason: str) -> Credential | None:
-        """Fresh tokens for ``cred`` (maybe another's), or ``None`` when it cannot serve now."""
-        flight = self._flight.setdefault(cred.id, asyncio.Lock())
-        async with flight:
-            current = self._pool.current(cred)
-            if current.token != cred.token:
-                return current  # refreshed by another task while we waited
-            if self._postpone(current, reason):
-                return current
-            shared = self.shared.hold(current) if self.shared is not None else contextlib.nullcontext(None)
-            try:
-                async with self._lock.hold(current), shared as fence:
-                    return await self._refresh_locked(current, reason, fence)
-            except StoreError as exc:
-                log.warning("cannot refresh %s: %s", cred.label, exc)
-                return self._transient(current, "refresh_locked", reason)
-
-    def _postpone(self, cred: Credential, reason: str) -> bool:
-        if reason != "proactive_expiry" or self.shared is None or self.shared.available():
+    def serves(self, cred: Credential) -> bool:
+        """Whether ``cred``'s access token can be sent: not expired, not refused upstream."""
+        token = cred.token.reveal()
+        if self._refused.get(cred.id) == _digest(token):
             return False
-        expiry = oauth.expires_at(cred.token.reveal(), cred.expires_ms)
-        return expiry is not None and expiry - self._clock.time() > LOCAL_ONLY_MARGIN
+        expiry = oauth.expires_at(token, cred.expires_ms)
+        return expiry is None or self._clock.time() < expiry
 
-    async def _refresh_locked(self, current: Credential, reason: str, fence: int | None) -> Credential | None:
+    def due(self, cred: Credential) -> bool:
+        """Whether ``cred`` should be refreshed (inside the margin before expiry, or refused)."""
+        return not self.serves(cred) or oauth.needs_refresh(cred.token.reveal(), cred.expires_ms, self._clock.time())
+
+    def refresh_soon(self, cred: Credential) -> None:
+        """Refresh ``cred`` in the background (its access token still serves: nobody waits)."""
+        if cred.id not in self._tasks and self._step(cred) in (Step.CALL, Step.SPENT):
+            self._start(cred, "proactive_expiry")
+
+    async def ensure(self, cred: Credential, reason: str = "proactive_expiry") -> Credential | None:
+        """Tokens that serve, for a request whose access token does not: waits at most ``wait_bound``."""
+        current = self._pool.current(cred)
+        if current.token != cred.token and self.serves(current):
+            return current
+        task = self._tasks.get(cred.id)
+        if task is None:
+            step = self._step(current)
+            if step is Step.RELOGIN:
+                self._relogin(current, "the token endpoint said so before")
+                return None
+            if step is Step.WAIT:
+                return None
+            task = self._start(current, reason)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), self.wait_bound)
+        except TimeoutError:
+            return None  # the refresh goes on in the background; this request tries another account
+        if result is not None and self.serves(result):
+            return result
+        latest = self._pool.current(cred)  # newer tokens may have arrived meanwhile (another replica's)
+        return latest if self.serves(latest) else None
+
+    async def after_401(self, cred: Credential) -> Credential | None:
+        """The upstream refused ``cred``'s access token: tokens to replay with once, or ``None``."""
+        current = self._pool.current(cred)
+        if current.token != cred.token and self.serves(current):
+            return current  # refreshed meanwhile
+        self._refused[cred.id] = _digest(cred.token.reveal())
+        return await self.ensure(current, "unauthorized_recovery")
+
+    # The refresh task ----------------------------------------------------------------------------
+
+    def _step(self, cred: Credential) -> Step:
+        if self._clock.monotonic() < self._pause_until.get(cred.id, 0.0):
+            return Step.WAIT
+        return self._decide(cred)
+
+    def _decide(self, cred: Credential) -> Step:
+        record = self.ledger.get(cred.id, EMPTY)
+        over = True
+        held = self._backoff_until.get(cred.id)
+        if held is not None and held[0] == record.attempt:
+            over = self._clock.monotonic() >= held[1]
+        return next_step(record, cred.fingerprint, self.serves(cred), over)
+
+    def _start(self, cred: Credential, reason: str) -> asyncio.Task[Credential | None]:
+        task = asyncio.create_task(self._run(cred.id, reason), name=f"credproxy-refresh-{cred.label}")
+        self._tasks[cred.id] = task
+
+        def done(finished: asyncio.Task[Credential | None]) -> None:
+            if self._tasks.get(cred.id) is finished:
+                del self._tasks[cred.id]
+
+        task.add_done_callback(done)
+        return task
+
+    async def _run(self, cred_id: str, reason: str) -> Credential | None:
+        cred = self._pool.by_id(cred_id)
+        if cred is None:
+            return None
+        try:
+            if self.shared is not None and (settling := self.shared.settling(cred)) > 0:
+                return await self._without_custody(cred, "its tokens were just offered to an empty Redis", settling)
+            shared = self.shared.hold(cred) if self.shared is not None else contextlib.nullcontext(0)
+            async with self._lock.hold(cred), shared as fence:
+                if fence is None:
+                    return await self._without_custody(cred, "Redis cannot say who holds its refresh custody")
+                return await self._locked(self._pool.current(cred), reason, fence)
+        except StoreError as exc:
+            return await self._without_custody(cred, str(exc))
+        except Exception:
+            # A refresh must never take the requests waiting on it down with it.
+            log.exception("the refresh of %s failed unexpectedly", cred.label)
+            return None
+
+    async def _without_custody(self, cred: Credential, why: str, wait: float = UNKNOWN_RETRY) -> Credential | None:
+        """No token call without the custody; but newer tokens another process or replica wrote are taken."""
+        current = self._pool.current(cred)
         newer = await self._newer(current)
         if newer is not None:
-            adopted = await self._take(current, newer)
-            log.info("credential %s: adopted tokens refreshed by another process", current.label)
-            if reason == "proactive_expiry" and oauth.needs_refresh(
-                adopted.token.reveal(), adopted.expires_ms, self._clock.time()
-            ):
-                current = adopted  # also expiring: refresh with the newest refresh token
-            else:
-                return adopted
-        result = await self._call(current, reason)
+            current = await self._take(current, *newer)
+            if self.serves(current):
+                return current
+        return self._unknown(current, why, wait)
+
+    def _unknown(self, cred: Credential, why: str, wait: float = UNKNOWN_RETRY) -> Credential | None:
+        """The custody could not be taken: no token call; serve on the access token, or skip for now."""
+        if self._paused_why.get(cred.id) != why:  # once per reason, not every few seconds
+            log.info("credential %s not refreshed now: %s", cred.label, why)
+        self._paused_why[cred.id] = why
+        self._pause_until[cred.id] = self._clock.monotonic() + wait
+        return cred if self.serves(cred) else None
+
+    async def _locked(self, current: Credential, reason: str, fence: int) -> Credential | None:
+        """Under the custody: re-read, adopt or follow, and call only when the ledger says so."""
+        await self._learn_shared(current)
+        if self.serves(current) and not self.due(current):
+            return current  # refreshed by another task before this one got the custody
+        newer = await self._newer(current)
+        if newer is not None:
+            current = await self._take(current, *newer)
+            if self.serves(current) and not self.due(current):
+                return current
+        step = self._decide(current)
+        if step is Step.SPENT:
+            log.warning(
+                "credential %s: its refresh token was redeemed already and the new tokens are not here yet; "
+                "waiting for them (the refresh token is not sent again)",
+                current.label,
+            )
+            return self._unknown(current, "waiting for the successor of a spent refresh token")
+        if step is Step.RELOGIN:
+            self._relogin(current, "the token endpoint said so before")
+            return None
+        if step is Step.WAIT:
+            return self._follow(current)
+        return await self._call(current, reason, fence)
+
+    async def _call(self, current: Credential, reason: str, fence: int) -> Credential | None:
+        assert current.refresh is not None
+        fp = current.fingerprint
+        record = self.ledger.get(current.id, EMPTY)
+        previous = record.attempt if record.attempt is not None and record.attempt.refresh == fp else None
+        failures = (previous.failures if previous is not None else 0) + 1
+        now = self._clock.time()
+        # The intent first: a holder that dies during the call leaves an ambiguous attempt, not a free token.
+        await self._record(current, Attempt(fp, Outcome.PENDING, now, failures, now + self._retry_in(failures)))
+        self.token_calls += 1
+        provider = self._pool.provider(current.provider)
+        answer = await token_endpoint.redeem(
+            self._session(), provider, current.refresh.reveal(), reason, self._clock.time, self.token_timeout
+        )
+        result = answer.result
         if result.outcome is oauth.RefreshOutcome.OK:
             fresh = replace(
                 current,
@@ -189,161 +350,314 @@ class Custodian:
                 refresh=Secret(result.refresh) if result.refresh else current.refresh,
                 expires_ms=result.expires_ms,
             )
-            if self.shared is not None:
-                winner = await self.shared.store(current, fresh, fence)
+            await self._persist(current, fresh, answer.answered)  # before anything else happens with them
+            generation = max(self._generation(current), 0) + 1
+            now = self._clock.time()
+            spent = self.ledger.get(current.id, EMPTY).spend(fp, now) if fresh.refresh != current.refresh else None
+            done = (spent or self.ledger.get(current.id, EMPTY)).numbered(fresh.fingerprint, generation)
+            self._learn(current.id, replace(done, attempt=Attempt(fp, Outcome.ROTATED, now)))
+            if self.shared is not None:  # before the pool has them: the sync would offer them on its own
+                await self._record_shared(current, Attempt(fp, Outcome.ROTATED, now))
+                winner = await self.shared.store(current, fresh, fence, generation)
                 if winner is not None:
-                    return await self._take(current, winner)
+                    return await self._take(current, winner.tokens, winner.generation or None, force=True)
             self._pool.update(fresh)
-            self._retry_at.pop(current.id, None)
-            self._failures.pop(current.id, None)
+            self._refused.pop(current.id, None)
+            await self._save_ledger(current)
             log.info("credential %s: tokens refreshed (%s)", current.label, reason)
-            await self._persist(current, fresh)
             return fresh
         if result.outcome is oauth.RefreshOutcome.PERMANENT:
             newer = await self._newer(current)
             if newer is not None:
-                return await self._take(current, newer)
-            log.warning("credential %s needs a re-login: the token endpoint answered %s", current.label, result.code)
-            self._pool.disable(current, "needs_relogin")
+                return await self._take(current, *newer)
+            now = self._clock.time()
+            await self._record(current, Attempt(fp, Outcome.DEAD, now, failures), spend=True)
+            self._relogin(current, f"the token endpoint answered {result.code}")
             return None
-        return self._transient(current, result.code, reason)
-
-    def _transient(self, cred: Credential, code: str, reason: str) -> Credential | None:
-        failures = self._failures.get(cred.id, 0) + 1
-        self._failures[cred.id] = failures
-        wait = backoff(failures, RETRY_FIRST, RETRY_MAX)
+        outcome = Outcome.AMBIGUOUS if result.ambiguous else Outcome.REFUSED
+        wait = self._retry_in(failures)
         now = self._clock.time()
-        self._retry_at[cred.id] = now + wait
-        self._pool.failed(cred, f"refresh_failed:{code}")
-        log.warning("credential %s: refresh failed (%s); next try in %.0f s", cred.label, code, wait)
-        expiry = oauth.expires_at(cred.token.reveal(), cred.expires_ms)
-        if reason == "unauthorized_recovery" or (expiry is not None and expiry <= now):
-            # The upstream refuses this token (or it has expired): skip the credential for a while.
-            self._pool.block(cred, Verdict(Kind.LIMITED, reason="refresh_failed", until=now + wait, source="refresh"))
-            return None
-        return cred  # its access token is still valid: keep serving with it
+        await self._record(current, Attempt(fp, outcome, now, failures, now + wait))
+        self._pool.failed(current, f"refresh_failed:{result.code}")
+        if outcome is Outcome.AMBIGUOUS:
+            log.warning(
+                "credential %s: refresh failed (%s); the server may have rotated its refresh token, so it is not "
+                "sent again while the access token serves, then at most every %.0f s",
+                current.label,
+                result.code,
+                wait,
+            )
+        else:
+            log.warning("credential %s: refresh refused (%s); next try in %.0f s", current.label, result.code, wait)
+        return self._follow(current)
 
-    async def _newer(self, current: Credential) -> Credential | None:
-        """Tokens another process or replica wrote after ours: the shared store's, else the file's."""
-        if self.shared is not None:
-            newer = await self.shared.newest(current)
-            if newer is not None:
-                return newer
-        # Tokens only we hold (a write failed) are newer than the file's: never adopt the file's then.
-        if current.id in self.unpersisted:
-            return None
-        on_disk = await self._read(current)
-        return on_disk if on_disk is not None and on_disk.refresh != current.refresh else None
+    def _follow(self, cred: Credential) -> Credential | None:
+        """The last attempt's back-off holds: serve on the access token, or skip the credential until it ends."""
+        if self.serves(cred):
+            return cred
+        attempt = self.ledger.get(cred.id, EMPTY).attempt
+        until = attempt.retry_at if attempt is not None else 0.0
+        if until > self._clock.time():
+            self._pool.block(cred, Verdict(Kind.LIMITED, reason="refresh_failed", until=until, source="refresh"))
+        return None
 
-    async def _take(self, current: Credential, newer: Credential) -> Credential:
-        adopted = self._adopt(current, newer)
-        if self.shared is not None:
-            await self._persist(current, adopted)  # our own file must hold them too (no write if it does)
-        return adopted
+    def _relogin(self, cred: Credential, why: str) -> None:
+        if not self._pool.state(cred).disabled:
+            log.warning("credential %s needs a re-login: %s", cred.label, why)
+            self._pool.disable(cred, "needs_relogin")
 
-    async def adopt(self, newer: Credential) -> None:
-        """Take tokens that another replica refreshed (announced by the shared store)."""
-        current = self._pool.current(newer)
-        if current.token == newer.token and current.refresh == newer.refresh:
-            return
-        await self._take(current, newer)
-        log.info("credential %s: adopted tokens refreshed by another replica", current.label)
+    def _retry_in(self, failures: int) -> float:
+        return backoff(failures, RETRY_FIRST, RETRY_MAX)
 
-    def _adopt(self, current: Credential, on_disk: Credential) -> Credential:
-        adopted = replace(current, token=on_disk.token, refresh=on_disk.refresh, expires_ms=on_disk.expires_ms)
-        self._pool.update(adopted)
-        self._retry_at.pop(current.id, None)
-        self.unpersisted.pop(current.id, None)
-        return adopted
+    # Newer tokens from elsewhere -----------------------------------------------------------------
 
-    async def _call(self, cred: Credential, reason: str) -> oauth.RefreshResult:
-        provider = self._pool.provider(cred.provider)
+    def _stamp(self, cred: Credential, generation: int | None = None) -> Stamp:
         assert cred.refresh is not None
-        body = oauth.refresh_body(cred.refresh.reveal(), provider.client_id, reason)
-        self.token_calls += 1
-        try:
-            async with (
-                asyncio.timeout(TOKEN_CALL_TIMEOUT),
-                self._session().post(
-                    provider.token_url,
-                    data=body,
-                    headers={"Content-Type": "application/json", "Accept": "application/json"},
-                    allow_redirects=False,
-                ) as response,
-            ):
-                payload = await response.read()
-                return oauth.classify_refresh(response.status, payload, self._clock.time())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return oauth.RefreshResult(oauth.RefreshOutcome.TRANSIENT, code=type(exc).__name__)
+        if generation is None:
+            generation = self._generation(cred)
+        return stamp(cred.refresh.reveal(), cred.token.reveal(), cred.expires_ms, generation)
 
-    async def _read(self, cred: Credential) -> Credential | None:
-        """This credential as the file has it now, or ``None`` (gone, or the file is unreadable)."""
+    def _generation(self, cred: Credential) -> int:
+        return self.ledger.get(cred.id, EMPTY).generation_of(cred.fingerprint)
+
+    def generation_of(self, cred: Credential) -> int:
+        """Our number for ``cred``'s tokens (0 when unknown), to store with them in Redis."""
+        return self._generation(cred)
+
+    def _order(self, held: Credential, offered: Credential, generation: int | None = None) -> Order:
+        spent = self.ledger.get(held.id, EMPTY).spent
+        return compare(self._stamp(held), self._stamp(offered, generation), spent)
+
+    async def _newer(self, current: Credential) -> tuple[Credential, int | None] | None:
+        """Tokens newer than ours written by another replica (Redis) or process (the file), if any."""
+        if self.shared is not None:
+            offer = await self.shared.newest(current)
+            if offer is not None and self._judge(current, offer) is Order.NEWER:
+                return offer.tokens, offer.generation or None
+        if current.id in self.unpersisted:
+            return None  # only we hold ours: the file's are older
         try:
-            doc = await asyncio.to_thread(files.read_document, self._path)
-            creds = parse_credentials(self._path, doc, [cred.provider])
+            on_disk = await asyncio.to_thread(custody_files.read_credential, self._path, current)
         except CredproxyError as exc:
-            log.warning("cannot re-read %s before refreshing %s: %s", self._path, cred.label, exc)
+            log.warning("cannot re-read %s before refreshing %s: %s", self._path, current.label, exc)
             return None
-        return next((c for c in creds[cred.provider] if c.id == cred.id), None)
+        if on_disk is not None and on_disk.refresh is not None and self._order(current, on_disk) is Order.NEWER:
+            return on_disk, None
+        return None
 
-    async def _persist(self, old: Credential, fresh: Credential) -> None:
-        self.unpersisted[fresh.id] = fresh
+    async def _take(
+        self, current: Credential, newer: Credential, generation: int | None = None, force: bool = False
+    ) -> Credential:
+        """Adopt ``newer`` (already judged newer), and make our own credentials file hold them."""
+        adopted = self._adopted(current, newer, generation)
+        await self._persist(current, adopted, force=force)  # no write when the file holds them already
+        await self._save_ledger(adopted)
+        return adopted
+
+    def _adopted(self, current: Credential, newer: Credential, generation: int | None) -> Credential:
+        adopted = replace(current, token=newer.token, refresh=newer.refresh, expires_ms=newer.expires_ms)
+        now = self._clock.time()
+        record = self.ledger.get(current.id, EMPTY)
+        if adopted.refresh != current.refresh:
+            record = record.spend(current.fingerprint, now)  # superseded: never taken back
+        number = max(generation or 0, record.generation + 1)
+        self._learn(current.id, record.numbered(adopted.fingerprint, number))
+        self._unsaved.add(current.id)
+        self._pool.update(adopted)
+        self.unpersisted.pop(current.id, None)
+        self._pause_until.pop(current.id, None)
+        self._paused_why.pop(current.id, None)
+        if adopted.token != current.token:
+            self._refused.pop(current.id, None)
+        log.info("credential %s: adopted newer tokens from another process or replica", current.label)
+        return adopted
+
+    def _judge(self, current: Credential, offer: Offer) -> Order:
+        """An offer from the shared store against our tokens (the store may know ours as spent)."""
+        if offer.supersedes and current.refresh != offer.tokens.refresh:
+            self._learn(current.id, self.ledger.get(current.id, EMPTY).spend(current.fingerprint, self._clock.time()))
+            if not self.ledger[current.id].is_spent(offer.tokens.fingerprint):
+                return Order.NEWER
+        return self._order(current, offer.tokens, offer.generation or None)
+
+    async def adopt(self, offer: Offer) -> None:
+        """Take tokens another replica refreshed (announced by the shared store), if they are newer."""
+        current = self._pool.current(offer.tokens)
+        if current.token == offer.tokens.token and current.refresh == offer.tokens.refresh:
+            return
+        order = self._judge(current, offer)
+        if order is Order.NEWER:
+            await self._take(current, offer.tokens, offer.generation or None)
+        elif order is Order.SPENT:
+            log.warning("credential %s: the shared store offered a spent refresh token; ignored", current.label)
+
+    def reconcile(self, from_file: Credential) -> tuple[Credential, bool]:
+        """The credential to hold after the credentials file changed, and whether to write ours back.
+
+        The file's tokens are taken only when newer than ours; otherwise (a stale copy saved by someone
+        else) ours stay, with the file's other fields, and must be written back.
+        """
+        held = self._pool.by_id(from_file.id)
+        if held is None or held.kind != "oauth" or from_file.kind != "oauth" or held.refresh is None:
+            return from_file, False
+        if held.token == from_file.token and held.refresh == from_file.refresh:
+            return from_file, False
+        keep = replace(from_file, token=held.token, refresh=held.refresh, expires_ms=held.expires_ms)
+        if held.id in self.unpersisted:
+            return keep, False  # the write is pending; flush() retries it
+        order = self._order(held, from_file)
+        if order is Order.NEWER:
+            self._adopted(held, from_file, None)
+            return from_file, False
+        if order is Order.SAME:
+            return from_file, False
+        log.warning(
+            "credential %s: the credentials file holds %s tokens than this process (a stale copy saved over it?); "
+            "keeping ours and writing them back",
+            held.label,
+            "spent" if order is Order.SPENT else "older",
+        )
+        return keep, True
+
+    async def write_back(self, creds: list[Credential]) -> None:
+        """Write our (newer) tokens over a stale copy, merged with everything else in the file."""
+        for cred in creds:
+            current = self._pool.current(cred)
+            await self._persist(current, current)
+        await self._save_unsaved()
+
+    # The ledger ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the ledger from the state file (start-up, before serving: blocking is fine)."""
         try:
-            await asyncio.to_thread(self._write, old, fresh)
+            records = custody_files.read_ledger(self.state_file)
+        except CredproxyError as exc:
+            log.error("cannot read the custody ledger: %s", exc)
+            return
+        for cid, record in records.items():
+            self._learn(cid, record)
+
+    async def sync_ledger(self) -> None:
+        """Merge what other processes recorded in the state file."""
+        try:
+            records = await asyncio.to_thread(custody_files.read_ledger, self.state_file)
+        except CredproxyError as exc:
+            log.warning("cannot read the custody ledger: %s", exc)
+            return
+        for cid, record in records.items():
+            self._learn(cid, record)
+
+    def _learn(self, cred_id: str, record: Record) -> None:
+        merged = merge(self.ledger.get(cred_id, EMPTY), record)
+        self.ledger[cred_id] = merged
+        attempt = merged.attempt
+        held = self._backoff_until.get(cred_id)
+        if attempt is not None and (held is None or held[0] != attempt):
+            left = max(0.0, attempt.retry_at - self._clock.time())
+            self._backoff_until[cred_id] = (attempt, self._clock.monotonic() + left)
+
+    async def _learn_shared(self, cred: Credential) -> None:
+        """Under the custody: what other processes (state file) and replicas (Redis) recorded."""
+        await self.sync_ledger()
+        if self.shared is not None:
+            attempt = await self.shared.attempt(cred)
+            if attempt is not None:
+                self._learn(cred.id, Record(attempt=attempt))
+
+    async def _record(self, cred: Credential, attempt: Attempt, spend: bool = False) -> None:
+        record = replace(self.ledger.get(cred.id, EMPTY), attempt=attempt)
+        self._learn(cred.id, record.spend(attempt.refresh, attempt.at) if spend else record)
+        await self._save_ledger(cred)
+        await self._record_shared(cred, attempt)
+
+    async def _record_shared(self, cred: Credential, attempt: Attempt) -> None:
+        if self.shared is not None:
+            await self.shared.record(cred, attempt)
+
+    async def _save_ledger(self, cred: Credential) -> None:
+        self._unsaved.add(cred.id)
+        records = {cid: self.ledger[cid] for cid in self._unsaved if cid in self.ledger}
+        try:
+            merged = await asyncio.to_thread(custody_files.update_ledger, self.state_file, records)
+        except CredproxyError as exc:
+            log.error("cannot write the custody ledger (%s); keeping it in memory and retrying", exc)
+            return
+        self._unsaved.difference_update(records)
+        for cid, record in merged.items():
+            self._learn(cid, record)
+
+    # Persistence --------------------------------------------------------------------------------
+
+    async def _persist(
+        self, old: Credential, fresh: Credential, answered: float | None = None, force: bool = False
+    ) -> None:
+        self.unpersisted[fresh.id] = fresh
+
+        def older(refresh: str, access: str, expires_ms: int | None) -> bool:
+            """Whether the file's tokens are older than ``fresh`` (only then are they written over)."""
+            if force:
+                return True
+            on_file = replace(fresh, token=Secret(access), refresh=Secret(refresh), expires_ms=expires_ms)
+            ours_newer = self._order(on_file, fresh) is Order.NEWER
+            return ours_newer or self._order(fresh, on_file) in (Order.OLDER, Order.SPENT)
+
+        def hook(step: str) -> None:
+            if step == "replaced" and answered is not None:
+                self.windows.append(time.perf_counter() - answered)
+            if self._write_hook is not None:
+                self._write_hook(step)
+
+        try:
+            await asyncio.to_thread(custody_files.write_tokens, self._path, old, fresh, older, hook)
         except CredproxyError as exc:
             log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, exc)
             return
         if self.unpersisted.get(fresh.id) is fresh:
             del self.unpersisted[fresh.id]
 
-    def _write(self, old: Credential, fresh: Credential) -> None:
-        def change(doc: dict[str, Any]) -> bool:
-            entry = _find_entry(doc, old, fresh)
-            if entry is None:
-                log.warning(
-                    "credential %s is no longer in %s; its new tokens are kept in memory only", fresh.label, self._path
-                )
-                return False
-            before = dict(entry)
-            entry["access"] = fresh.token.reveal()
-            if fresh.refresh is not None:
-                entry["refresh"] = fresh.refresh.reveal()
-            if fresh.expires_ms is not None:
-                entry["expires"] = fresh.expires_ms
-            return entry != before  # the file may hold them already (another process sharing it wrote them)
-
-        files.update_document(self._path, change, hook=self._write_hook)
-
     async def flush(self) -> None:
-        """Retry writing tokens that exist only in memory."""
+        """Retry writing tokens that exist only in memory, and ledger records not yet saved."""
         for cred in list(self.unpersisted.values()):
             current = self._pool.current(cred)
             await self._persist(cred, current)
+        await self._save_unsaved()
+
+    async def _save_unsaved(self) -> None:
+        for cid in list(self._unsaved):
+            if (unsaved := self._pool.by_id(cid)) is not None:
+                await self._save_ledger(unsaved)
+
+    async def close(self) -> None:
+        """Let running refreshes finish (and write their tokens) for a moment, then cancel them."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
+        now = self._clock.time()
+        backoff_until = {}
+        for cred in self._pool.all_credentials():
+            attempt = self.ledger.get(cred.id, EMPTY).attempt
+            waiting = (Outcome.AMBIGUOUS, Outcome.REFUSED, Outcome.PENDING)
+            current = attempt is not None and attempt.refresh == cred.fingerprint and attempt.outcome in waiting
+            if attempt is not None and current and attempt.retry_at > now:
+                backoff_until[cred.label] = attempt.retry_at
+        windows = sorted(self.windows)
         return {
             "unpersisted": sorted(c.label for c in self.unpersisted.values()),
-            "refresh_backoff": {
-                cred.label: until
-                for cid, until in self._retry_at.items()
-                if (cred := self._pool.by_id(cid)) is not None and until > self._clock.time()
+            "refresh_backoff": backoff_until,
+            "refreshing": sorted(c.label for cid in self._tasks if (c := self._pool.by_id(cid)) is not None),
+            "persist_window_ms": {
+                "last": round(self.windows[-1] * 1000, 3) if windows else None,
+                "median": round(windows[len(windows) // 2] * 1000, 3) if windows else None,
+                "max": round(windows[-1] * 1000, 3) if windows else None,
             },
         }
 
 
-def _find_entry(doc: dict[str, Any], old: Credential, fresh: Credential) -> dict[str, Any] | None:
-    """The file's entry for this credential: by refresh token, else account id, else label."""
-    candidates = [e for e in entries(doc, old.provider) if isinstance(e, dict) and e.get("type") == "oauth"]
-    for entry in candidates:
-        if old.refresh is not None and entry.get("refresh") == old.refresh.reveal():
-            return entry
-    for entry in candidates:
-        if old.account_id and entry.get("accountId") == old.account_id and entry.get("label") in (None, old.label):
-            return entry
-    for entry in candidates:
-        if entry.get("label") == old.label:
-            return entry
-    for entry in candidates:
-        if fresh.refresh is not None and entry.get("refresh") == fresh.refresh.reveal():
-            return entry
-    return None
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16]

@@ -2,8 +2,10 @@
 
 :meth:`Accounts.prepare` runs before a request is sent with an OAuth credential:
 
-* its access token is refreshed shortly before it expires (``expires`` or the JWT ``exp``), through
-  the :class:`~proxy.accounts.custody.Custodian`;
+* an access token that still serves is sent at once; when it is inside the refresh margin (shortly
+  before ``expires`` or the JWT ``exp``) the :class:`~proxy.accounts.custody.Custodian` refreshes it in
+  the background. Only a request whose access token has expired waits for the refresh, with a bound,
+  and otherwise moves on to another account;
 * for a Codex provider with more than one credential, the usage endpoint is asked before the
   credential's first use (an exhausted account is blocked until its reset and skipped before it
   fails), and again in the background when the answer is older than 60 s. A failed query is cached
@@ -23,7 +25,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 
 from proxy.accounts.custody import Custodian
-from proxy.core import oauth, usage
+from proxy.core import usage
 from proxy.core.clock import Clock
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
@@ -51,17 +53,13 @@ class Accounts:
         """The credential to send with (maybe with refreshed tokens), or ``None`` to skip it now."""
         cred = self._pool.current(cred)
         now = self._clock.time()
-        token = cred.token.reveal()
-        if oauth.needs_refresh(token, cred.expires_ms, now):
-            if self.custodian.may_refresh(cred):
-                refreshed = await self.custodian.refresh(cred, "proactive_expiry")
-                if refreshed is None:
-                    return None
-                cred = refreshed
-            else:
-                expiry = oauth.expires_at(token, cred.expires_ms)
-                if expiry is not None and expiry <= now:
-                    return None  # expired, and refreshing is in back-off
+        if not self.custodian.serves(cred):
+            refreshed = await self.custodian.ensure(cred)
+            if refreshed is None:
+                return None  # expired and not refreshed in time (or in back-off): try another account
+            cred = refreshed
+        elif self.custodian.due(cred):
+            self.custodian.refresh_soon(cred)  # ahead of expiry, in the background: nobody waits
         provider = self._pool.provider(cred.provider)
         if provider.usage_url is None or len(self._pool.credentials(cred.provider)) < 2:
             return cred
@@ -81,7 +79,7 @@ class Accounts:
 
     async def refresh_after_401(self, cred: Credential) -> Credential | None:
         """After a 401: fresh tokens to replay with once, or ``None``."""
-        return await self.custodian.refresh(cred, "unauthorized_recovery")
+        return await self.custodian.after_401(cred)
 
     async def check_usage(self, cred: Credential) -> None:
         """Ask the usage endpoint about ``cred`` and record the answer (failures are cached as unknown)."""
@@ -136,6 +134,7 @@ class Accounts:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        await self.custodian.close()
         for task in [*self._tasks, *self._first_checks.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._first_checks.values(), return_exceptions=True)

@@ -66,6 +66,11 @@ class Credential:
         return (bearer,)
 
 
+def valid_token(value: str) -> bool:
+    """Whether ``value`` may be a token: visible ASCII only (no whitespace, CR/LF, control or non-ASCII bytes)."""
+    return _TOKEN.fullmatch(value) is not None
+
+
 def entries(doc: Mapping[str, Any], provider: str) -> list[Any]:
     """The raw credential objects of ``provider`` (one object or a list of them)."""
     value = doc.get(provider)

@@ -3,8 +3,14 @@
 OpenAI refresh tokens rotate and are single-use: a successful refresh returns a new refresh token and
 kills the old one; redeeming an old one answers ``refresh_token_reused`` (and may revoke the whole
 grant). :func:`classify_refresh` sorts a token-endpoint answer into success, *permanent* failure (the
-grant is gone: a human must log in again) and *transient* failure (5xx, timeouts: the server may or
-may not have rotated, so the same refresh token is never blindly retried).
+grant is gone: a human must log in again) and *transient* failure. A transient failure is
+*ambiguous* when the server may have rotated (a 5xx, or a 200 whose tokens cannot be used: the same
+refresh token is then never blindly retried), and not when it certainly did not (a 429 or another
+4xx refusal).
+
+Tokens in an answer follow the credentials file's rule (visible ASCII only): a token with CR/LF,
+spaces, control or non-ASCII bytes would corrupt the file or inject into an ``Authorization`` header;
+such an answer is an ambiguous failure, and nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from enum import Enum
 from typing import Any
 
 import orjson
+
+from proxy.core.credentials import valid_token
 
 PERMANENT_CODES = frozenset(
     {"invalid_grant", "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated"}
@@ -96,6 +104,7 @@ class RefreshResult:
     refresh: str = ""  # "" when the server did not rotate it
     expires_ms: int | None = None
     code: str = ""  # the error code, for status and logs (never a token)
+    ambiguous: bool = False  # TRANSIENT only: the server may have rotated the refresh token
 
 
 def classify_refresh(status: int, body: bytes, now: float) -> RefreshResult:
@@ -109,8 +118,10 @@ def classify_refresh(status: int, body: bytes, now: float) -> RefreshResult:
     if status == 200:
         access = doc.get("access_token")
         if not isinstance(access, str) or not access:
-            return RefreshResult(RefreshOutcome.TRANSIENT, code="malformed_token_response")
+            return RefreshResult(RefreshOutcome.TRANSIENT, code="malformed_token_response", ambiguous=True)
         refresh = doc.get("refresh_token")
+        if not valid_token(access) or (isinstance(refresh, str) and refresh and not valid_token(refresh)):
+            return RefreshResult(RefreshOutcome.TRANSIENT, code="invalid_token_in_response", ambiguous=True)
         expires_in = doc.get("expires_in")
         expires_ms: int | None = None
         if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
@@ -124,7 +135,8 @@ def classify_refresh(status: int, body: bytes, now: float) -> RefreshResult:
     code = _error_code(doc)
     if code in PERMANENT_CODES or status == 401:
         return RefreshResult(RefreshOutcome.PERMANENT, code=code or "unauthorized")
-    return RefreshResult(RefreshOutcome.TRANSIENT, code=code or f"http_{status}")
+    # A 4xx is a refusal: nothing was redeemed. A 5xx (or anything odd) may come after a rotation.
+    return RefreshResult(RefreshOutcome.TRANSIENT, code=code or f"http_{status}", ambiguous=not 400 <= status < 500)
 
 
 def _error_code(doc: dict[str, Any]) -> str:

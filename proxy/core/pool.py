@@ -286,7 +286,12 @@ class Pool:
             return NoCredentialAvailable(
                 provider, None, f"every credential of provider {provider!r} is disabled or needs a re-login"
             )
-        return NoCredentialAvailable(provider, min(waits), f"every credential of provider {provider!r} is rate limited")
+        soonest = min(waits)
+        if soonest <= self._clock.time():
+            # None is blocked: they were skipped for now (an expired token whose refresh cannot run yet).
+            detail = f"no credential of provider {provider!r} can serve right now (a token refresh is pending)"
+            return NoCredentialAvailable(provider, soonest, detail)
+        return NoCredentialAvailable(provider, soonest, f"every credential of provider {provider!r} is rate limited")
 
     def _changed(self, cred: Credential, state: CredentialState) -> None:
         for listener in self.listeners:

@@ -11,8 +11,12 @@ One task per application, woken by changes and by a short poll interval:
   the pool.
 * **credentials in**: when the credentials file changed (edited by hand, ``credproxy import``, another
   process refreshing a token), it is re-read and the pool updated without a restart. A broken edit is
-  reported once and the last good view keeps serving; its fix is logged. Tokens that exist only in memory (a write
-  failed) are never replaced by the file's older ones, and their write is retried.
+  reported once and the last good view keeps serving; its fix is logged. An account's tokens are
+  taken from the file only when they are newer than those held
+  (:meth:`proxy.accounts.custody.Custodian.reconcile`): a stale copy saved over the file (an editor's,
+  read before a rotation) is never adopted, and the newer tokens are written back into it, merged with
+  the rest of the edit. Tokens that exist only in memory (a write failed) are never replaced by the
+  file's, and their write is retried.
 
 File I/O runs in threads; the event loop never blocks on the disk.
 """
@@ -46,7 +50,7 @@ STATE_VERSION = 1
 
 
 def state_path(credentials_file: Path) -> Path:
-    return credentials_file.with_name(credentials_file.stem + ".state.json")
+    return files.state_path(credentials_file)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -114,6 +118,8 @@ class FileSync:
         now = self._clock.time()
         for cred_id, entry in entries.items():
             self._pool.apply(cred_id, expire(entry, now))
+        if self._custodian is not None:
+            self._custodian.load()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="credproxy-sync")
@@ -247,21 +253,26 @@ class FileSync:
             count = sum(len(loaded[name]) for name in names)
             log.info("the credentials file is usable again: serving its %d credentials", count)
         self.credentials_error = ""
-        unpersisted = self._custodian.unpersisted if self._custodian is not None else {}
+        custodian = self._custodian
+        if custodian is not None:
+            await custodian.sync_ledger()  # spent tokens other processes recorded
+        stale: list[Credential] = []
         for name in names:
             before = {c.id for c in self._pool.credentials(name)}
-            creds = [self._keep_newer(c, unpersisted) for c in loaded[name]]
+            creds = []
+            for from_file in loaded[name]:
+                cred, older = custodian.reconcile(from_file) if custodian is not None else (from_file, False)
+                if older:
+                    stale.append(cred)
+                creds.append(cred)
             self._pool.replace(name, creds)
             after = {c.id for c in creds}
             if before != after:
                 log.info(
                     "credentials of %s reloaded: %d added, %d removed", name, len(after - before), len(before - after)
                 )
-
-    def _keep_newer(self, cred: Credential, unpersisted: dict[str, Credential]) -> Credential:
-        """The file's credential, unless memory holds tokens the file does not have yet."""
-        mine = unpersisted.get(cred.id)
-        return self._pool.current(mine) if mine is not None else cred
+        if custodian is not None:
+            await custodian.write_back(stale)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -36,6 +36,11 @@ LOCK_TIMEOUT = 10.0
 WriteHook = Callable[[str], None]
 
 
+def state_path(credentials_file: Path) -> Path:
+    """The state file beside a credentials file (``auth.json`` -> ``auth.state.json``)."""
+    return credentials_file.with_name(credentials_file.stem + ".state.json")
+
+
 def lock_for(path: Path, timeout: float = LOCK_TIMEOUT) -> FileLock:
     """The lock that guards ``path`` against other credproxy processes."""
     return FileLock(str(path) + ".lock", timeout=timeout, thread_local=False)

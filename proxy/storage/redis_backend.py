@@ -21,9 +21,12 @@ keeps the local state file and reloads the credentials file):
 
 **Outage.** When Redis stops answering (every call is bounded by ``state.timeout``), the link is
 marked down and that is logged once. Replicas go on serving from their local view; changes pile up
-as dirty marks; refreshes use the local file lock. The task reconnects with back-off; once Redis
-answers it resubscribes, pushes every local entry (merging: nothing is lost either way), applies
-what it gets back, offers tokens refreshed meanwhile, and logs that it is back.
+as dirty marks. No token is refreshed meanwhile (the refresh custody is unknown: a replica on
+another host may hold it): access tokens keep serving, and an account whose access token expires
+is skipped until Redis is back. The task reconnects with back-off; once Redis answers it releases
+the locks its late requests may have taken, resubscribes, pushes every local entry (merging:
+nothing is lost either way), applies what it gets back, offers its tokens again (an empty Redis is
+refilled; the newest tokens win), and logs that it is back.
 
 **Round-robin counters stay local.** Sharing them would cost a Redis round trip on every request
 without a session id, on the hot path; each replica rotates over all credentials on its share of
@@ -83,7 +86,9 @@ class RedisState:
         self.link = Link(settings.url, settings.timeout, clock)
         self._keys = Keys(settings.key_prefix)
         self.replica = uuid.uuid4().hex[:12]
-        self.tokens = RedisTokens(self.link, self._keys, self.replica, settings.lock_ttl)
+        # A replica whose offer refills an empty Redis waits until the others can have offered theirs.
+        settle = settings.poll_interval + 2 * settings.timeout + RETRY_MAX
+        self.tokens = RedisTokens(self.link, self._keys, self.replica, settings.lock_ttl, settle=settle)
         custodian.shared = self.tokens
         self._usage_ttl = settings.usage_ttl
         self.poll_interval = settings.poll_interval
@@ -145,6 +150,7 @@ class RedisState:
             await self.link.reset()
         pubsub = self.link.client.pubsub()
         try:
+            await self.tokens.release_abandoned()  # locks our late requests may have taken while Redis was away
             with self.link.guard():
                 await pubsub.subscribe(self._keys.channel)  # first: nothing published from now on is missed
             await self._push([c.id for c in self._pool.all_credentials()])
@@ -175,6 +181,7 @@ class RedisState:
                     await self._push(sorted(self._dirty))
             if asyncio.get_running_loop().time() - self._pulled >= self.poll_interval:
                 await self._pull()
+                await self.tokens.release_abandoned()
             await self._reconcile_tokens()
 
     async def _listen(self, pubsub: PubSub) -> None:
@@ -278,19 +285,19 @@ class RedisState:
     async def _reconcile_tokens(self) -> None:
         """Offer tokens Redis has not seen from us (start-up, a file edit, a refresh during an outage)."""
         for cred in self._pool.all_credentials():
-            if cred.kind != "oauth" or self.tokens.synced.get(cred.id) == cred.fingerprint:
+            if cred.kind != "oauth" or cred.refresh is None or self.tokens.synced.get(cred.id) == cred.fingerprint:
                 continue
-            newer = await self.tokens.exchange(cred)
-            if newer is not None:
-                await self._custodian.adopt(newer)
+            stored = await self.tokens.exchange(cred, self._custodian.generation_of(cred))
+            if stored is not None:
+                await self._custodian.adopt(stored)  # taken if newer (else ours are offered again later)
 
     async def _fetch_tokens(self, cred_id: str) -> None:
         cred = self._pool.by_id(cred_id)
         if cred is None or cred.kind != "oauth":
             return
-        newer = await self.tokens.newest(cred)
-        if newer is not None:
-            await self._custodian.adopt(newer)
+        stored = await self.tokens.newest(cred)
+        if stored is not None:
+            await self._custodian.adopt(stored)
 
     def status(self) -> dict[str, Any]:
         status = self.files.status()
@@ -304,7 +311,7 @@ class RedisState:
                 "outages": self.link.outages,
                 "messages_received": self.received,
             },
-            refresh_custody="redis lock" if self.link.up else "local file lock only (Redis unavailable)",
+            refresh_custody="redis lock" if self.link.up else "unknown: no refresh until Redis is back",
             replica=self.replica,
         )
         return status

@@ -7,7 +7,9 @@ Pure: values in, values out; no Redis client here (see :mod:`proxy.storage.redis
   JSON. It expires when nothing in it matters any more (:func:`state_ttl`): a block at its end, an
   unblock once every block it could override has ended, a disable after a month without a write.
 * ``usage:<id>``  the latest usage snapshot, JSON, expiring ``usage_ttl`` after it was observed.
-* ``tokens:<id>`` (a hash) the newest OAuth tokens and the fencing counter: see :mod:`proxy.storage.redis_custody`.
+* ``tokens:<id>`` (a hash) the newest OAuth tokens, the refresh tokens they replaced, the last token
+  call and the fencing counter: see :mod:`proxy.storage.redis_custody`. Which tokens may replace the
+  stored ones is :func:`store_verdict`.
 * ``lock:<id>``   the refresh custody: a unique holder token with an expiry.
 
 and one pub/sub channel, ``changes``, that carries every merged state write (so a replica applies it
@@ -21,13 +23,16 @@ still holds is decided by each replica from ``blocked_until`` inside the entry.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 import orjson
 
 from proxy.core.credential_state import Entry, expire
 from proxy.core.credentials import Credential
+from proxy.core.generations import Order, Stamp, compare
 from proxy.core.ratelimits import MAX_BLOCK
 from proxy.core.secret import Secret
 from proxy.core.sse import parse_json
@@ -139,12 +144,58 @@ def decode_message(raw: object) -> Message | None:
     return Message(doc["r"], entries, tokens)
 
 
-def token_doc(cred: Credential) -> bytes:
+def token_doc(cred: Credential, generation: int = 0) -> bytes:
     """The secret part of an OAuth credential, as stored in its ``tokens:`` hash. Never log it."""
     doc: dict[str, Any] = {"access": cred.token.reveal(), "expires": cred.expires_ms}
     if cred.refresh is not None:
         doc["refresh"] = cred.refresh.reveal()
+    if generation:
+        doc["generation"] = generation
     return orjson.dumps(doc)
+
+
+def doc_generation(raw: object) -> int:
+    """The generation a token document was stored with (0: unknown)."""
+    doc = parse_json(raw) if isinstance(raw, bytes | str) else None
+    value = doc.get("generation") if isinstance(doc, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Store(Enum):
+    """What a token write does to the stored tokens (see :func:`store_verdict`)."""
+
+    SAME = "same"  # they are stored already
+    SEEDED = "seeded"  # nothing was stored (an empty Redis): stored now
+    STORED = "stored"  # newer than the stored ones: stored now
+    OLDER = "older"  # refused: the stored ones are newer (or these were spent); adopt those
+    STALE = "stale"  # refused: a holder with a higher fence stored newer tokens meanwhile
+
+
+def store_verdict(
+    stored: Stamp | None, offered: Stamp, history: Collection[str], fence: int | None, stored_fence: int, replaced: str
+) -> Store:
+    """Whether ``offered`` tokens may replace the ``stored`` ones. Pure.
+
+    ``history`` holds the refresh tokens (fingerprints) the stored ones replaced: spent. An *offer*
+    (``fence`` None: a credentials file's tokens, a refresh made while Redis was away) is stored only
+    when newer by :func:`proxy.core.generations.compare`, so a replica with an old file cannot put its
+    tokens over newer ones, even into an empty Redis that a newer replica refills a moment later. A
+    refresh's result (``fence``: the holder's, ``replaced``: the token it redeemed) is the stored
+    tokens' only successor when they are what it redeemed, whatever the fence; otherwise a holder
+    whose lock expired (a lower fence) is refused, and the order decides.
+    """
+    if stored is None:
+        return Store.SEEDED
+    if offered.fingerprint == stored.fingerprint:
+        return Store.SAME
+    if offered.fingerprint in history:
+        return Store.OLDER
+    if fence is not None:
+        if stored.fingerprint == replaced:
+            return Store.STORED
+        if fence < stored_fence:
+            return Store.STALE
+    return Store.STORED if compare(stored, offered, history) is Order.NEWER else Store.OLDER
 
 
 def with_tokens(cred: Credential, raw: object) -> Credential | None:

@@ -4,7 +4,7 @@ Every Redis call goes through :meth:`Link.guard`, the one boundary where redis-p
 become :class:`RedisUnavailable`. The first failure marks the link down and logs it once (not once
 per request); the sync loop (:mod:`proxy.storage.redis_backend`) reconnects, resynchronises and marks it up
 again, which is logged once too. While it is down nobody waits for Redis: requests are served from
-the local view and the refresh custody falls back to the local file lock.
+the local view, and the refresh custody is unknown (no token is refreshed until Redis is back).
 
 Calls are bounded: connect and read timeouts are the ``state.timeout`` setting, and redis-py's own
 retries are off (the sync loop retries, with back-off, without holding anything up).
@@ -74,8 +74,8 @@ class Link:
             self.outages += 1
             self.changed_at = self._clock.time()
             log.warning(
-                "Redis at %s is unavailable (%s): serving from the local view, refreshing tokens under the "
-                "local file lock, reconnecting in the background",
+                "Redis at %s is unavailable (%s): serving from the local view, no token refresh until it is "
+                "back (access tokens keep serving), reconnecting in the background",
                 self.where,
                 problem,
             )

@@ -7,6 +7,14 @@ old; redeeming a dead one answers ``refresh_token_reused`` and, like OpenAI may,
 family (every later refresh of that account answers ``refresh_token_invalidated``). It counts token
 calls per refresh-token generation, so tests can assert "exactly one call per generation".
 
+Faults are scripted per call (:attr:`FakeAccounts.faults`, a :class:`Fault` per coming call): a 500 or
+``invalid_grant`` that rotates nothing, a call that hangs until :attr:`FakeAccounts.release` is set
+(or ``hang_seconds`` pass) and then drops the connection, and the worst one for a client: the
+endpoint *rotates* (the refresh token is spent) and then the answer is lost (a 500, or the connection
+dropped), so the new tokens exist nowhere but on the server. Every call is recorded
+(:attr:`FakeAccounts.calls`); :meth:`FakeAccounts.revoked` names the families lost to reuse, and
+:attr:`FakeAccounts.delivered` the newest refresh token each account's client actually received.
+
 It also answers the usage endpoint per account, and can act as a model endpoint that accepts only
 the newest, unexpired access token of an account (:meth:`FakeAccounts.model`), and that rejects
 encrypted reasoning produced by another account (:meth:`FakeAccounts.reasoning_model`).
@@ -14,9 +22,12 @@ encrypted reasoning produced by another account (:meth:`FakeAccounts.reasoning_m
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import itertools
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -34,6 +45,27 @@ def _b64(data: bytes) -> str:
 def fake_jwt(claims: dict[str, Any]) -> str:
     """An unsigned JWT (Codex only decodes the payload)."""
     return ".".join((_b64(b'{"alg":"none","typ":"JWT"}'), _b64(orjson.dumps(claims)), "sig"))
+
+
+class Fault(Enum):
+    """What the token endpoint does with one call instead of answering it normally."""
+
+    ERROR = "500"  # 500; nothing rotated
+    INVALID_GRANT = "invalid_grant"  # 400 invalid_grant; nothing rotated
+    HANG = "hang"  # no answer until ``release`` is set (or ``hang_seconds`` pass), then the connection drops
+    ROTATE_THEN_500 = "rotate_then_500"  # rotates (the refresh token is spent), then answers 500
+    ROTATE_THEN_DROP = "rotate_then_drop"  # rotates, then drops the connection before any answer byte
+    BAD_TOKENS = "bad_tokens"  # rotates and answers 200 with tokens that contain CR/LF and spaces
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call of the token endpoint: the refresh token sent and what became of it."""
+
+    refresh: str
+    account: str | None  # the family the token belongs (or belonged) to; None for an unknown token
+    generation: int | None  # the generation it redeemed (rotations only)
+    outcome: str  # "rotated", "reused", "revoked", "invalid_grant", or the Fault's value
 
 
 @dataclass
@@ -55,9 +87,20 @@ class FakeAccounts:
     failures: list[int] = field(default_factory=list)
     usage: dict[str, tuple[float, float]] = field(default_factory=dict)  # account -> (primary %, secondary %)
     families: dict[str, _Family] = field(default_factory=dict)
+    #: Faults for the coming calls, one per call, in order (after ``failures``).
+    faults: list[Fault] = field(default_factory=list)
+    #: A HANG fault lasts until this is set, or ``hang_seconds`` (when not None) have passed.
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    hang_seconds: float | None = None
     token_calls: list[tuple[str, int]] = field(default_factory=list)  # (account, generation redeemed)
+    calls: list[Call] = field(default_factory=list)  # every call that carried a refresh token
+    #: Per account, the newest refresh token a client received (a rotation whose answer was lost is not in it).
+    delivered: dict[str, str] = field(default_factory=dict)
     reuse_errors: int = 0
+    #: Set on each call that reached the token endpoint (tests wait on it instead of sleeping).
+    called: asyncio.Event = field(default_factory=asyncio.Event)
     _dead: dict[str, str] = field(default_factory=dict)  # spent refresh token -> account
+    _issued: dict[str, tuple[str, float]] = field(default_factory=dict)  # access token -> (account, expiry)
     _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def install(self, fake: FakeUpstream) -> None:
@@ -68,6 +111,7 @@ class FakeAccounts:
         """A new account; returns its credentials-file entry."""
         family = self.families[account_id] = _Family(account_id)
         self._issue(family, expires_in)
+        self.delivered[account_id] = family.refresh
         return self.entry(account_id, label)
 
     def entry(self, account_id: str, label: str | None = None) -> dict[str, Any]:
@@ -94,19 +138,35 @@ class FakeAccounts:
         family.expires = self.clock.time() + (self.lifetime if expires_in is None else expires_in)
         family.access = fake_jwt(
             {
+                "iat": int(self.clock.time()),
                 "exp": int(family.expires),
                 "n": n,
                 "https://api.openai.com/auth": {"chatgpt_account_id": family.account_id, "chatgpt_plan_type": "plus"},
                 "email": f"{family.account_id}@example.test",
             }
         )
+        self._issued[family.access] = (family.account_id, family.expires)
 
-    def valid_access(self, token: str | None) -> str | None:
-        """The account whose newest, unexpired access token this is, or ``None``."""
-        for family in self.families.values():
-            if not family.revoked and token == family.access and self.clock.time() < family.expires:
-                return family.account_id
-        return None
+    def valid_access(self, token: str | None, newest_only: bool = True) -> str | None:
+        """The account whose newest (or, with ``newest_only=False``, any), unexpired access token this is."""
+        if newest_only:
+            for family in self.families.values():
+                if not family.revoked and token == family.access and self.clock.time() < family.expires:
+                    return family.account_id
+            return None
+        account, expires = self._issued.get(token or "", ("", 0.0))
+        owner = self.families.get(account)
+        if owner is None or owner.revoked or self.clock.time() >= expires:
+            return None
+        return account
+
+    def revoked(self) -> list[str]:
+        """The accounts whose whole token family was revoked (a refresh token was redeemed twice)."""
+        return sorted(f.account_id for f in self.families.values() if f.revoked)
+
+    def calls_with(self, refresh: str) -> int:
+        """How many calls sent this refresh token."""
+        return sum(1 for call in self.calls if call.refresh == refresh)
 
     def calls_per_generation(self) -> dict[tuple[str, int], int]:
         counts: dict[tuple[str, int], int] = {}
@@ -125,27 +185,58 @@ class FakeAccounts:
         token = doc.get("refresh_token") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("grant_type") != "refresh_token" or not isinstance(token, str):
             return await json_body(400, {"error": {"code": "invalid_request"}})(request, recorded, fake)
-        for family in self.families.values():
-            if token == family.refresh:
-                if family.revoked:
-                    return await _error(401, "refresh_token_invalidated")(request, recorded, fake)
-                self.token_calls.append((family.account_id, family.generation))
-                self._dead[token] = family.account_id
-                self._issue(family)
-                body = {
-                    "access_token": family.access,
-                    "refresh_token": family.refresh,
-                    "id_token": family.access,
-                    "expires_in": int(self.lifetime),
-                }
-                return web.Response(body=orjson.dumps(body), content_type="application/json")
-        account = self._dead.get(token)
+        self.called.set()
+        fault = self.faults.pop(0) if self.faults else None
+        family = next((f for f in self.families.values() if token == f.refresh), None)
+        account = family.account_id if family is not None else self._dead.get(token)
+        if fault in (Fault.ERROR, Fault.INVALID_GRANT, Fault.HANG):
+            self.calls.append(Call(token, account, None, fault.value))
+            if fault is Fault.HANG:
+                return await self._hang(request)
+            if fault is Fault.ERROR:
+                return await json_body(500, {"error": {"code": "server_error"}})(request, recorded, fake)
+            return await _error(400, "invalid_grant")(request, recorded, fake)
+        if family is not None:
+            if family.revoked:
+                self.calls.append(Call(token, account, None, "revoked"))
+                return await _error(401, "refresh_token_invalidated")(request, recorded, fake)
+            redeemed = family.generation
+            self.token_calls.append((family.account_id, redeemed))
+            self._dead[token] = family.account_id
+            self._issue(family)
+            self.calls.append(Call(token, account, redeemed, fault.value if fault is not None else "rotated"))
+            if fault is Fault.ROTATE_THEN_500:
+                return await json_body(500, {"error": {"code": "server_error"}})(request, recorded, fake)
+            if fault is Fault.ROTATE_THEN_DROP:
+                _abort(request)
+                return web.Response(status=200)
+            body = {
+                "access_token": family.access,
+                "refresh_token": family.refresh,
+                "id_token": family.access,
+                "expires_in": int(self.lifetime),
+            }
+            if fault is Fault.BAD_TOKENS:
+                body["refresh_token"] = family.refresh + "\r\nx-injected: 1"
+                body["access_token"] = family.access + " trailing"
+            else:
+                self.delivered[family.account_id] = family.refresh
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
         if account is not None:
             self.reuse_errors += 1
+            self.calls.append(Call(token, account, None, "reused"))
             if self.revoke_on_reuse:
                 self.families[account].revoked = True
             return await _error(401, "refresh_token_reused")(request, recorded, fake)
+        self.calls.append(Call(token, None, None, "invalid_grant"))
         return await _error(400, "invalid_grant")(request, recorded, fake)
+
+    async def _hang(self, request: web.Request) -> web.StreamResponse:
+        """Say nothing until released (or ``hang_seconds`` pass), then drop the connection."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.release.wait(), self.hang_seconds)
+        _abort(request)
+        return web.Response(status=200)
 
     async def usage_endpoint(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         account = self.valid_access(recorded.token)
@@ -155,11 +246,15 @@ class FakeAccounts:
         body = usage_payload(primary, secondary, now=self.clock.time())
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    def model(self) -> Responder:
-        """A model endpoint that answers 401 unless the bearer is a valid, current access token."""
+    def model(self, newest_only: bool = True) -> Responder:
+        """A model endpoint that answers 401 unless the bearer is a valid access token.
+
+        ``newest_only``: only the account's newest one (strict); otherwise any unexpired access token of a
+        family that was not revoked (as a JWT is: valid until its ``exp``).
+        """
 
         async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
-            if self.valid_access(recorded.token) is None:
+            if self.valid_access(recorded.token, newest_only) is None:
                 return await _error(401, "token_expired")(request, recorded, fake)
             return await ok()(request, recorded, fake)
 
@@ -194,3 +289,8 @@ class FakeAccounts:
 
 def _error(status: int, code: str) -> Responder:
     return json_body(status, {"error": {"code": code, "message": code.replace("_", " ")}})
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()

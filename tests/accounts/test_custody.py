@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -21,9 +22,9 @@ from proxy.app import ACCOUNTS, SYNC
 from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.storage import files
-from proxy.testing.fake_accounts import FakeAccounts
+from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, json_body
-from tests.conftest import ProxyFactory, RunningProxy
+from tests.conftest import ProxyFactory, RunningProxy, wait_until
 
 
 @pytest.fixture
@@ -45,21 +46,33 @@ async def ask(p: RunningProxy, sid: str = "s") -> tuple[int, dict[str, str]]:
         return r.status, dict(r.headers)
 
 
+def idle(p: RunningProxy) -> bool:
+    """No refresh is running (the last one has recorded its outcome)."""
+    return not p.app[ACCOUNTS].custodian.status()["refreshing"]
+
+
+def token_posts(fake: FakeUpstream) -> list[Recorded]:
+    return [r for r in fake.control if r.path.endswith("/oauth/token")]
+
+
 def file_entries(p: RunningProxy) -> list[dict[str, Any]]:
     doc = orjson.loads(p.credentials_file.read_bytes())
     value = doc["openai-codex"]
     return value if isinstance(value, list) else [value]
 
 
-async def test_a_token_close_to_expiry_is_refreshed_before_use_and_persisted(
+async def test_a_token_close_to_expiry_is_refreshed_in_the_background_and_persisted(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:
     entry = accounts.add("acct-a", expires_in=120)  # inside the 5-minute margin
     p = await proxy({"openai-codex": [entry]})
     assert (await ask(p))[0] == 200
+    assert fake.records[0].token == entry["access"]  # still valid: sent at once, nobody waits for the refresh
+    await wait_until(lambda: len(accounts.token_calls) == 1 and idle(p))
     assert accounts.token_calls == [("acct-a", 1)]
     family = accounts.families["acct-a"]
-    assert fake.records[0].token == family.access  # the new token, at once
+    assert (await ask(p))[0] == 200
+    assert fake.records[1].token == family.access  # the new token from then on
     [saved] = file_entries(p)
     assert (saved["access"], saved["refresh"], saved["accountId"]) == (family.access, family.refresh, "acct-a")
     assert saved["expires"] == int((accounts.clock.time() + accounts.lifetime) * 1000)
@@ -70,8 +83,8 @@ async def test_a_token_close_to_expiry_is_refreshed_before_use_and_persisted(
 async def test_twenty_concurrent_requests_share_one_refresh(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:
-    """F17: single flight."""
-    entry = accounts.add("acct-a", expires_in=10)
+    """F17: single flight (the access token has expired: they all wait for the one refresh)."""
+    entry = accounts.add("acct-a", expires_in=-1)
     p = await proxy({"openai-codex": [entry]})
     results = await asyncio.gather(*(ask(p, f"s{i}") for i in range(20)))
     assert [status for status, _ in results] == [200] * 20
@@ -129,7 +142,7 @@ async def test_when_another_process_already_refreshed_its_tokens_are_adopted(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:
     """F19 (first half): the file re-read under the lock holds a newer refresh token: no token call."""
-    entry = accounts.add("acct-a", expires_in=60)
+    entry = accounts.add("acct-a", expires_in=-1)
     p = await proxy({"openai-codex": [entry]})
     # The other process: redeems the refresh token and writes the new tokens to the shared file.
     accounts._issue(accounts.families["acct-a"])
@@ -149,7 +162,7 @@ async def test_reused_refresh_token_adopts_the_winner_written_meanwhile(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:
     """F19 (second half): the token endpoint says "reused" because another process won just now."""
-    entry = accounts.add("acct-a", expires_in=60)
+    entry = accounts.add("acct-a", expires_in=-1)
     p = await proxy({"openai-codex": [entry]})
     family = accounts.families["acct-a"]
 
@@ -168,23 +181,44 @@ async def test_reused_refresh_token_adopts_the_winner_written_meanwhile(
     assert p.pool.state(cred).disabled == ""
 
 
-async def test_a_transient_failure_is_not_retried_blindly_and_a_valid_token_keeps_serving(
+async def test_an_ambiguous_failure_is_not_retried_while_the_access_token_serves(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
 ) -> None:
-    """F20."""
+    """F20: a 503 may come after a rotation: the same refresh token is not sent again while the access
+    token still serves (whatever the back-off says); once it has expired, it is."""
     entry = accounts.add("acct-a", expires_in=200)  # still valid, but inside the refresh margin
     p = await proxy({"openai-codex": [entry]})
     accounts.failures = [503]
     assert (await ask(p))[0] == 200
     assert fake.records[-1].token == entry["access"]
-    token_posts = [r for r in fake.control if r.path.endswith("/oauth/token")]
-    assert len(token_posts) == 1
-    assert (await ask(p))[0] == 200  # in back-off: no second call with the same refresh token
-    assert len([r for r in fake.control if r.path.endswith("/oauth/token")]) == 1
-    clock.advance(31)
+    await wait_until(lambda: len(token_posts(fake)) == 1 and idle(p))
+    for _ in range(3):
+        clock.advance(60)  # past the back-off, but the access token still serves
+        assert (await ask(p))[0] == 200
+        assert fake.records[-1].token == entry["access"]
+    assert len(token_posts(fake)) == 1
+    clock.advance(60)  # expired now: the request waits for the retry
     assert (await ask(p))[0] == 200
     assert accounts.token_calls == [("acct-a", 1)]
     assert fake.records[-1].token == accounts.families["acct-a"].access
+
+
+async def test_a_refusal_is_retried_after_the_back_off_even_while_the_access_token_serves(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
+) -> None:
+    """F20: a 429 from the token endpoint redeemed nothing: safe to send again, after the back-off."""
+    entry = accounts.add("acct-a", expires_in=250)
+    p = await proxy({"openai-codex": [entry]})
+    accounts.failures = [429]
+    assert (await ask(p))[0] == 200
+    await wait_until(lambda: len(token_posts(fake)) == 1 and idle(p))
+    clock.advance(10)
+    assert (await ask(p))[0] == 200  # inside the back-off: no second call
+    assert len(token_posts(fake)) == 1
+    clock.advance(25)
+    assert (await ask(p))[0] == 200
+    await wait_until(lambda: accounts.token_calls == [("acct-a", 1)])
+    assert len(token_posts(fake)) == 2
 
 
 async def test_an_expired_token_whose_refresh_fails_transiently_is_skipped(
@@ -209,7 +243,7 @@ async def test_tokens_that_cannot_be_written_serve_from_memory_and_are_written_l
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """F21: original file intact, temp removed, status reports it, the write lands once the disk recovers."""
-    entry = accounts.add("acct-a", expires_in=60)
+    entry = accounts.add("acct-a", expires_in=-1)
     p = await proxy({"openai-codex": [entry]})
     before = p.credentials_file.read_bytes()
     real_write: Callable[[int, Any], int] = os.write
@@ -241,3 +275,31 @@ async def test_tokens_that_cannot_be_written_serve_from_memory_and_are_written_l
     [saved] = file_entries(p)
     assert saved["refresh"] == family.refresh
     assert accounts.token_calls == [("acct-a", 1)]
+
+
+async def test_tokens_with_cr_lf_or_spaces_in_an_answer_are_a_failed_refresh_and_nothing_is_written(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(Issue 16.) The endpoint rotated, but its tokens would corrupt the file or inject into a header:
+    nothing of the answer is kept or logged, and the account serves on its still-valid access token."""
+    fake.reset_rules()
+    fake.on(accounts.model(newest_only=False), path="/responses")
+    entry = accounts.add("acct-a", expires_in=200)
+    p = await proxy({"openai-codex": [entry]})
+    before = p.credentials_file.read_bytes()
+    accounts.faults = [Fault.BAD_TOKENS]
+    caplog.set_level(logging.DEBUG)
+    assert (await ask(p))[0] == 200
+    await wait_until(lambda: len(token_posts(fake)) == 1 and idle(p))
+    for _ in range(3):
+        assert (await ask(p))[0] == 200
+    assert [r.token for r in fake.records] == [entry["access"]] * 4
+    assert p.credentials_file.read_bytes() == before
+    cred = p.pool.credentials("openai-codex")[0]
+    assert cred.refresh is not None
+    assert cred.refresh.reveal() == entry["refresh"]
+    family = accounts.families["acct-a"]
+    assert family.refresh not in caplog.text
+    assert family.access not in caplog.text
+    assert "invalid_token_in_response" in caplog.text
+    assert len(token_posts(fake)) == 1  # ambiguous (it did rotate): not sent again while the token serves

@@ -51,25 +51,51 @@ def test_the_refresh_body_is_what_codex_sends() -> None:
     }
 
 
+OK, PERMANENT, TRANSIENT = oauth.RefreshOutcome.OK, oauth.RefreshOutcome.PERMANENT, oauth.RefreshOutcome.TRANSIENT
+
+
 @pytest.mark.parametrize(
-    ("status", "body", "outcome", "code"),
+    ("status", "body", "outcome", "code", "ambiguous"),
     [
-        (200, {"access_token": "a2", "refresh_token": "r2", "expires_in": 864000}, oauth.RefreshOutcome.OK, ""),
-        (200, {"refresh_token": "r2"}, oauth.RefreshOutcome.TRANSIENT, "malformed_token_response"),
-        (400, {"error": "invalid_grant"}, oauth.RefreshOutcome.PERMANENT, "invalid_grant"),
-        (401, {"error": {"code": "refresh_token_reused"}}, oauth.RefreshOutcome.PERMANENT, "refresh_token_reused"),
-        (400, {"error": {"code": "refresh_token_expired"}}, oauth.RefreshOutcome.PERMANENT, "refresh_token_expired"),
-        (400, {"code": "refresh_token_invalidated"}, oauth.RefreshOutcome.PERMANENT, "refresh_token_invalidated"),
-        (401, {}, oauth.RefreshOutcome.PERMANENT, "unauthorized"),
-        (500, {"error": {"code": "server_error"}}, oauth.RefreshOutcome.TRANSIENT, "server_error"),
-        (503, None, oauth.RefreshOutcome.TRANSIENT, "http_503"),
-        (429, {"error": "slow_down"}, oauth.RefreshOutcome.TRANSIENT, "slow_down"),
+        (200, {"access_token": "a2", "refresh_token": "r2", "expires_in": 864000}, OK, "", False),
+        (200, {"refresh_token": "r2"}, TRANSIENT, "malformed_token_response", True),  # the server did rotate
+        (400, {"error": "invalid_grant"}, PERMANENT, "invalid_grant", False),
+        (401, {"error": {"code": "refresh_token_reused"}}, PERMANENT, "refresh_token_reused", False),
+        (400, {"error": {"code": "refresh_token_expired"}}, PERMANENT, "refresh_token_expired", False),
+        (400, {"code": "refresh_token_invalidated"}, PERMANENT, "refresh_token_invalidated", False),
+        (401, {}, PERMANENT, "unauthorized", False),
+        (500, {"error": {"code": "server_error"}}, TRANSIENT, "server_error", True),  # maybe after a rotation
+        (503, None, TRANSIENT, "http_503", True),
+        (429, {"error": "slow_down"}, TRANSIENT, "slow_down", False),  # a refusal: nothing was redeemed
+        (400, {"error": {"code": "invalid_request"}}, TRANSIENT, "invalid_request", False),
     ],
 )
-def test_classify_refresh(status: int, body: object, outcome: oauth.RefreshOutcome, code: str) -> None:
+def test_classify_refresh(status: int, body: object, outcome: oauth.RefreshOutcome, code: str, ambiguous: bool) -> None:
     raw = orjson.dumps(body) if body is not None else b"<html>bad gateway</html>"
     result = oauth.classify_refresh(status, raw, NOW)
-    assert (result.outcome, result.code) == (outcome, code)
+    assert (result.outcome, result.code, result.ambiguous) == (outcome, code, ambiguous)
+
+
+@pytest.mark.parametrize(
+    ("access", "refresh"),
+    [
+        ("a2\r\nx-injected: 1", "r2"),
+        ("a2", "r2\r\nx-injected: 1"),
+        ("a2 trailing", "r2"),
+        ("a2", "r 2"),
+        ("a2\x00", "r2"),
+        ("a2", "r2\x7f"),
+        ("a2", "r\u00e92"),
+        ("a\u20ac", "r2"),
+        ("a2", "r2\t"),
+    ],
+)
+def test_tokens_an_answer_may_not_carry_make_it_an_ambiguous_failure(access: str, refresh: str) -> None:
+    """The credentials file's token rule (visible ASCII): anything else is never used nor written."""
+    raw = orjson.dumps({"access_token": access, "refresh_token": refresh, "expires_in": 60})
+    result = oauth.classify_refresh(200, raw, NOW)
+    assert (result.outcome, result.code, result.ambiguous) == (TRANSIENT, "invalid_token_in_response", True)
+    assert (result.access, result.refresh) == ("", "")  # nothing of the answer is kept
 
 
 def test_a_successful_refresh_computes_expiry_from_expires_in_or_the_jwt() -> None:

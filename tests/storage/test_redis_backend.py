@@ -48,16 +48,21 @@ Replica = Callable[..., Awaitable[RunningProxy]]
 async def replica(
     tmp_path: Path, fake: FakeUpstream, clock: ManualClock, redis_server: RedisServer
 ) -> AsyncIterator[Replica]:
-    """``await replica(name, credentials, **state_keys)``: a proxy in its own folder on the Redis backend."""
+    """``await replica(name, credentials, **state_keys)``: a proxy in its own folder on the Redis backend.
+
+    A replica whose offer seeds an empty Redis waits ``settle`` seconds before refreshing (for the other
+    replicas to offer theirs); here 0 unless a test asks for it (the wait has tests of its own).
+    """
     running: list[RunningProxy] = []
 
-    async def make(name: str, credentials: dict[str, Any], **state: Any) -> RunningProxy:
+    async def make(name: str, credentials: dict[str, Any], settle: float = 0.0, **state: Any) -> RunningProxy:
         folder = tmp_path / name
         folder.mkdir()
         write_json(folder / "auth.json", credentials)
         section = {"backend": "redis", "url": redis_server.url, "key_prefix": "test:", "poll_interval": 0.5, **state}
         doc = {"credentials_file": "auth.json", "providers": default_providers(fake), "state": section}
         running.append(await serve_config(write_json(folder / "config.json", doc), clock))
+        backend(running[-1]).tokens.settle = settle
         return running[-1]
 
     yield make
@@ -159,9 +164,9 @@ async def test_rotated_tokens_reach_the_other_replica_and_its_credentials_file(
     entry = accounts.add("acct-a", label="a", expires_in=120)  # inside the refresh margin
     one = await replica("one", {"openai-codex": [entry]})
     two = await replica("two", {"openai-codex": [entry]})
-    assert (await ask(one, path="/codex/responses"))[0] == 200
+    assert (await ask(one, path="/codex/responses"))[0] == 200  # served at once; refreshed in the background
     family = accounts.families["acct-a"]
-    assert accounts.token_calls == [("acct-a", 1)]
+    await wait_until(lambda: accounts.token_calls == [("acct-a", 1)])
 
     def two_has_them() -> bool:
         cred = two.pool.credentials("openai-codex")[0]
@@ -183,7 +188,8 @@ async def test_a_new_login_in_one_replicas_file_becomes_everyones(
     entry = accounts.add("acct-a", label="a")
     one = await replica("one", {"openai-codex": [entry]})
     two = await replica("two", {"openai-codex": [entry]})
-    accounts._issue(accounts.families["acct-a"])  # a re-login elsewhere: tokens Redis has never seen
+    clock.advance(60)
+    accounts._issue(accounts.families["acct-a"])  # a re-login elsewhere, later: tokens Redis has never seen
     relogin = accounts.entry("acct-a", label="a")
     write_json(two.credentials_file, {"openai-codex": [relogin]})
     await two.app[SYNC].step()  # the file watcher reloads it; the Redis sync offers it
@@ -218,7 +224,7 @@ async def test_redis_down_requests_go_on_the_outage_is_logged_once_and_state_con
     async with one.get("/_credproxy/state") as r:
         status = (await r.json())["backend"]
     assert status["redis"]["connected"] is False
-    assert status["refresh_custody"] == "local file lock only (Redis unavailable)"
+    assert status["refresh_custody"] == "unknown: no refresh until Redis is back"
     cred = two.pool.credentials("openai")[0]
     assert two.pool.available(cred, clock.time())  # two has not heard of it yet
 
@@ -283,24 +289,34 @@ def test_the_file_backend_never_imports_redis(tmp_path: Path) -> None:
     assert result.stdout.strip() == "False"
 
 
-async def test_refreshes_use_the_redis_lock_and_fall_back_to_the_file_lock(
+async def test_refreshes_use_the_redis_lock_and_none_happens_while_redis_is_down(
     replica: Replica, fake: FakeUpstream, clock: ManualClock, redis_server: RedisServer
 ) -> None:
+    """Case 4: a lock Redis cannot give is unknown, not free (a replica on another host may hold it):
+    a valid access token keeps serving unrefreshed; an expired one is skipped until Redis is back."""
     accounts = FakeAccounts(clock=clock)
     accounts.install(fake)
     fake.on(accounts.model(), path="/responses")
     one = await replica("one", {"openai-codex": [accounts.add("acct-a", label="a", expires_in=-1)]})
     tokens = backend(one).tokens
     assert (await ask(one, path="/codex/responses"))[0] == 200
-    assert (tokens.local_holds, tokens.fences["a"]) == (0, 2)  # seeded with fence 1, refreshed under fence 2
+    assert (tokens.unknown_holds, tokens.fences["a"]) == (0, 2)  # seeded with fence 1, refreshed under fence 2
     await redis_server.kill()
     await wait_until(lambda: not backend(one).link.up)
     clock.advance(3600 - 200)  # inside the refresh margin, but valid for 200 s more
     assert (await ask(one, path="/codex/responses"))[0] == 200
-    assert len(accounts.token_calls) == 1  # postponed: Redis may be back before it expires
-    clock.advance(200)
-    assert (await ask(one, path="/codex/responses"))[0] == 200  # expired: refreshed under the file lock alone
-    assert tokens.local_holds == 1
+    clock.advance(200)  # expired: skipped (the only account: an honest "retry shortly"), no token call
+    async with one.post("/codex/responses", json={}, headers={"X-Session-Id": SID}) as r:
+        assert (r.status, r.headers["Retry-After"]) == (429, "1")
+        assert "a token refresh is pending" in await r.text()
+    assert len(accounts.token_calls) == 1
+    assert accounts.reuse_errors == 0
+    await redis_server.start()  # back (empty): the replica offers its tokens again, then refreshes
+    await wait_until(lambda: backend(one).link.up, within=15.0)
+    async with asyncio.timeout(15):
+        while (await ask(one, path="/codex/responses"))[0] != 200:
+            clock.advance(1)  # the custodian looks again a moment later (on the injected clock)
+            await asyncio.sleep(0.1)
     assert accounts.token_calls == [("acct-a", 1), ("acct-a", 2)]
     assert one.app[ACCOUNTS].custodian.status()["unpersisted"] == []
 
