@@ -221,7 +221,7 @@ class Custodian:
                 self._relogin(current, "the token endpoint said so before")
                 return None
             if step is Step.WAIT:
-                return None
+                return await self._look(current)  # no call now; but another replica may have refreshed it
             task = self._start(current, reason)
         try:
             result = await asyncio.wait_for(asyncio.shield(task), self.wait_bound)
@@ -284,6 +284,14 @@ class Custodian:
             # A refresh must never take the requests waiting on it down with it.
             log.exception("the refresh of %s failed unexpectedly", cred.label)
             return None
+
+    async def _look(self, cred: Credential) -> Credential | None:
+        """Newer tokens that serve, taken from another process or replica (no token call), or ``None``."""
+        newer = await self._newer(cred)
+        if newer is None:
+            return None
+        adopted = await self._take(cred, *newer)
+        return adopted if self.serves(adopted) else None
 
     async def _without_custody(self, cred: Credential, why: str, wait: float = UNKNOWN_RETRY) -> Credential | None:
         """No token call without the custody; but newer tokens another process or replica wrote are taken."""
