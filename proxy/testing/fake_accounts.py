@@ -94,8 +94,10 @@ class FakeAccounts:
     hang_seconds: float | None = None
     token_calls: list[tuple[str, int]] = field(default_factory=list)  # (account, generation redeemed)
     calls: list[Call] = field(default_factory=list)  # every call that carried a refresh token
-    #: Per account, the newest refresh token a client received (a rotation whose answer was lost is not in it).
+    #: Per account, the newest refresh (and access) token a client received: a rotation whose answer was
+    #: lost is not in it.
     delivered: dict[str, str] = field(default_factory=dict)
+    delivered_access: dict[str, str] = field(default_factory=dict)
     reuse_errors: int = 0
     #: Set on each call that reached the token endpoint (tests wait on it instead of sleeping).
     called: asyncio.Event = field(default_factory=asyncio.Event)
@@ -112,6 +114,7 @@ class FakeAccounts:
         family = self.families[account_id] = _Family(account_id)
         self._issue(family, expires_in)
         self.delivered[account_id] = family.refresh
+        self.delivered_access[account_id] = family.access
         return self.entry(account_id, label)
 
     def entry(self, account_id: str, label: str | None = None) -> dict[str, Any]:
@@ -221,6 +224,7 @@ class FakeAccounts:
                 body["access_token"] = family.access + " trailing"
             else:
                 self.delivered[family.account_id] = family.refresh
+                self.delivered_access[family.account_id] = family.access
             return web.Response(body=orjson.dumps(body), content_type="application/json")
         if account is not None:
             self.reuse_errors += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,13 @@ import aiohttp
 import orjson
 
 from proxy.core.clock import SystemClock
-from proxy.testing.fake_accounts import FakeAccounts
+from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
+from tests.accounts import editor
 from tests.conftest import ServeProcess, default_providers, start_serve, stop_serve, write_json
 from tests.redis_server import RedisServer
 
-LABELS = {"a": "acct-a", "b": "acct-b"}
+LABELS = {"a": "acct-a", "b": "acct-b"}  # label -> account
 
 
 def upstream_with_accounts(lifetime: float = 302.0) -> tuple[FakeUpstream, FakeAccounts]:
@@ -90,14 +92,27 @@ def saved_refresh(folder: Path) -> dict[str, str]:
     return {e["label"]: e["refresh"] for e in doc["openai-codex"]}
 
 
-async def converge(accounts: FakeAccounts, folders: list[Path], within: float = 20.0) -> bool:
-    """Wait until every replica's file holds the newest tokens the endpoint delivered (False if never)."""
+async def converge(
+    accounts: FakeAccounts,
+    folders: list[Path],
+    within: float = 20.0,
+    labels: tuple[str, ...] = tuple(LABELS),
+    extra: dict[Path, list[str]] | None = None,
+) -> bool:
+    """Wait until every replica's file holds the newest tokens the endpoint delivered (False if never).
+
+    Accounts ``acct-<label>`` for ``labels``, and per folder the ``extra`` labels only its file has.
+    """
     accounts.lifetime = 3600.0  # stop the churn
     try:
         async with asyncio.timeout(within):
             while True:
-                newest = {label: accounts.delivered[account] for label, account in LABELS.items()}
-                if all(saved_refresh(folder) == newest for folder in folders):
+                done = True
+                for folder in folders:
+                    names = [*labels, *(extra or {}).get(folder, [])]
+                    newest = {label: accounts.delivered[f"acct-{label}"] for label in names}
+                    done = done and saved_refresh(folder) == newest
+                if done:
                     return True
                 await asyncio.sleep(0.1)
     except TimeoutError:
@@ -199,3 +214,111 @@ async def test_case4_redis_paused_no_double_redemption_and_no_wait_on_a_lock_hel
     assert resumed_after < 5.0
     assert converged
     assert codes == [0, 0]
+
+
+async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_paused_lose_no_account(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Three replicas, each with its own file, tokens needing a refresh every 1-2 s, clients on all of
+    them, a person saving stale copies of one replica's file (and adding an account to it), the token
+    endpoint failing on a schedule, and Redis killed, restarted empty, then paused and resumed."""
+    fake, accounts = upstream_with_accounts(lifetime=301.5)
+    accounts.hang_seconds = 3.0
+    labels = ("a", "b", "c", "d", "e", "f")
+    await fake.start()
+    credentials = {"openai-codex": [accounts.add(f"acct-{x}", label=x) for x in labels]}
+    folders = [tmp_path / name for name in ("r1", "r2", "r3")]
+    traffic = Traffic()
+    running: list[ServeProcess] = []
+    stop = asyncio.Event()
+    broken: list[str] = []
+    added: list[str] = []
+    events: list[str] = []
+
+    async def person() -> None:  # on r1's file only
+        n = 0
+        while not stop.is_set():
+            copy = editor.read(folders[0] / "auth.json")
+            await asyncio.sleep(1.0 + 0.1 * (n % 5))
+            mode = editor.MODES[n % 3]
+            if mode == "locked" and n >= 3 and not added:
+                copy["openai-codex"].append(accounts.add("acct-new1", label="new1"))
+                added.append("new1")
+            editor.save(folders[0] / "auth.json", copy, mode)
+            n += 1
+
+    async def snapshots() -> None:
+        while not stop.is_set():
+            for folder in folders:
+                try:
+                    found = {e["label"] for e in editor.oauth_entries(editor.read(folder / "auth.json"))}
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    broken.append(f"{folder.name}: unparsable: {exc!r}")
+                else:
+                    if not found >= set(labels):
+                        broken.append(f"{folder.name}: accounts missing")
+            await asyncio.sleep(0.05)
+
+    schedule = ((4.0, "500"), (7.0, "kill"), (9.0, "start"), (14.0, "drop"), (18.0, "pause"), (22.0, "resume"))
+    at_resume: list[int] = []
+
+    async def redis_and_token_endpoint() -> None:
+        for at, what in schedule:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            events.append(what)
+            at_resume.append(len(accounts.token_calls))
+            if what == "500":
+                accounts.faults.append(Fault.ERROR)
+            elif what == "drop":
+                accounts.faults.append(Fault.ROTATE_THEN_DROP)
+            elif what == "kill":
+                await redis_server.kill()
+            elif what == "start":
+                await redis_server.start()  # empty
+            elif what == "pause":
+                redis_server.pause()
+            else:
+                redis_server.resume()
+
+    try:
+        for folder in folders:
+            running.append(await replica(folder, fake, redis_server, credentials))
+            traffic.start(folder.name, running[-1])
+        started = time.monotonic()
+        work = asyncio.gather(person(), snapshots(), redis_and_token_endpoint())
+        await asyncio.sleep(30.0)
+        stop.set()
+        await work
+        await traffic.stop()
+        accounts.release.set()
+        converged = await converge(accounts, folders, labels=(*labels,), extra={folders[0]: added})
+        after_resume = len(accounts.token_calls) - at_resume[-1]
+    finally:
+        stop.set()
+        if redis_server.process is not None:
+            redis_server.resume()
+        await traffic.stop()
+        codes = [(await stop_serve(p))[0] for p in running]
+        await fake.stop()
+    outcomes = Counter(call.outcome for call in accounts.calls)
+    slowest = max(seconds for _, _, _, seconds in traffic.results)
+    statuses = Counter(status for _, status, _, _ in traffic.results)
+    print(
+        f"\nchaos on Redis, 3 replicas, 30 s ({', '.join(events)}): {len(accounts.calls_per_generation())} "
+        f"generations ({after_resume} in the 8 s after SIGCONT), token calls {dict(outcomes)}, reuse errors "
+        f"{accounts.reuse_errors}, families revoked {accounts.revoked()}, requests {dict(statuses)}, slowest "
+        f"{slowest:.2f} s, bad file snapshots {len(broken)}, every file on the newest tokens: {converged}"
+    )
+    assert accounts.reuse_errors == 0
+    assert accounts.revoked() == []
+    assert set(accounts.calls_per_generation().values()) == {1}
+    assert broken == []
+    assert set(statuses) <= {200, 429, 503}
+    assert statuses[200] > 0.99 * sum(statuses.values())
+    assert slowest < 3.0  # lock_ttl is 10 s: nobody waited on a lock held by nobody
+    assert converged
+    assert codes == [0, 0, 0]
+    assert events == ["500", "kill", "start", "drop", "pause", "resume"]
+    assert len(accounts.calls_per_generation()) >= 30
+    assert after_resume >= 8  # refreshing went on at once after the pause: no lock held by nobody in the way
+    assert added == ["new1"]
