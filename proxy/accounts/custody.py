@@ -174,7 +174,7 @@ class Custodian:
         self.state_file = files.state_path(credentials_file)
         self._session = session
         self._lock = lock or FileRefreshLock(credentials_file)
-        self._write_hook = write_hook
+        self.write_hook = write_hook  # called with each step of a credentials-file write
         self._tasks: dict[str, asyncio.Task[Credential | None]] = {}
         self._refused: dict[str, str] = {}  # credential id -> the access token the upstream refused (a digest)
         self._backoff_until: dict[str, tuple[Attempt, float]] = {}  # the attempt, and its end on the monotonic clock
@@ -613,8 +613,8 @@ class Custodian:
         def hook(step: str) -> None:
             if step == "replaced" and answered is not None:
                 self.windows.append(time.perf_counter() - answered)
-            if self._write_hook is not None:
-                self._write_hook(step)
+            if self.write_hook is not None:
+                self.write_hook(step)
 
         try:
             await asyncio.to_thread(custody_files.write_tokens, self._path, old, fresh, older, hook)
