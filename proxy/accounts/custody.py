@@ -78,6 +78,8 @@ REFRESH_LOCK_TIMEOUT = TOKEN_CALL_TIMEOUT + 15.0
 REFRESH_WAIT = 5.0
 #: When the custody could not be taken (a lock busy or unknown), look again after this long.
 UNKNOWN_RETRY = 2.0
+#: A request that may not refresh looks for newer tokens elsewhere at most this often per credential.
+LOOK_INTERVAL = 1.0
 #: At shutdown, running refreshes get this long to finish (and write their tokens) before being cancelled.
 CLOSE_WAIT = 5.0
 
@@ -182,6 +184,8 @@ class Custodian:
         self._paused_why: dict[str, str] = {}
         self.ledger: dict[str, Record] = {}
         self._unsaved: set[str] = set()  # ledger records not yet in the state file
+        self.ledger_error = ""  # why the ledger could not be written, until it is
+        self._looked: dict[str, float] = {}  # monotonic: when a request last looked for newer tokens
         self.unpersisted: dict[str, Credential] = {}
         self.token_calls = 0
         #: Seconds from a token answer's arrival to its tokens replacing the credentials file (the last 100).
@@ -203,6 +207,10 @@ class Custodian:
     def due(self, cred: Credential) -> bool:
         """Whether ``cred`` should be refreshed (inside the margin before expiry, or refused)."""
         return not self.serves(cred) or oauth.needs_refresh(cred.token.reveal(), cred.expires_ms, self._clock.time())
+
+    def busy(self, cred: Credential) -> bool:
+        """Whether a refresh of ``cred`` is running (its tokens are about to change)."""
+        return cred.id in self._tasks
 
     def refresh_soon(self, cred: Credential) -> None:
         """Refresh ``cred`` in the background (its access token still serves: nobody waits)."""
@@ -286,7 +294,14 @@ class Custodian:
             return None
 
     async def _look(self, cred: Credential) -> Credential | None:
-        """Newer tokens that serve, taken from another process or replica (no token call), or ``None``."""
+        """Newer tokens that serve, taken from another process or replica (no token call), or ``None``.
+
+        At most once a second per credential: requests that arrive meanwhile move on at once.
+        """
+        now = self._clock.monotonic()
+        if now - self._looked.get(cred.id, -LOOK_INTERVAL) < LOOK_INTERVAL:
+            return None
+        self._looked[cred.id] = now
         newer = await self._newer(cred)
         if newer is None:
             return None
@@ -359,20 +374,22 @@ class Custodian:
                 expires_ms=result.expires_ms,
             )
             await self._persist(current, fresh, answer.answered)  # before anything else happens with them
-            generation = max(self._generation(current), 0) + 1
+            self._pool.update(fresh)  # memory holds them too, whatever happens next
+            self._refused.pop(current.id, None)
+            rotated = fresh.refresh != current.refresh
             now = self._clock.time()
-            spent = self.ledger.get(current.id, EMPTY).spend(fp, now) if fresh.refresh != current.refresh else None
-            done = (spent or self.ledger.get(current.id, EMPTY)).numbered(fresh.fingerprint, generation)
-            self._learn(current.id, replace(done, attempt=Attempt(fp, Outcome.ROTATED, now)))
-            if self.shared is not None:  # before the pool has them: the sync would offer them on its own
-                await self._record_shared(current, Attempt(fp, Outcome.ROTATED, now))
+            record = self.ledger.get(current.id, EMPTY)
+            generation = record.generation + 1
+            record = (record.spend(fp, now) if rotated else record).numbered(fresh.fingerprint, generation)
+            done = Attempt(fp, Outcome.ROTATED if rotated else Outcome.KEPT, now)
+            self._learn(current.id, replace(record, attempt=done))
+            log.info("credential %s: tokens refreshed (%s)", current.label, reason)
+            if self.shared is not None:
+                await self._record_shared(current, done)
                 winner = await self.shared.store(current, fresh, fence, generation)
                 if winner is not None:
-                    return await self._take(current, winner.tokens, winner.generation or None, force=True)
-            self._pool.update(fresh)
-            self._refused.pop(current.id, None)
-            await self._save_ledger(current)
-            log.info("credential %s: tokens refreshed (%s)", current.label, reason)
+                    return await self._take(fresh, winner.tokens, winner.generation or None, force=True)
+            await self._save_ledger(fresh)
             return fresh
         if result.outcome is oauth.RefreshOutcome.PERMANENT:
             newer = await self._newer(current)
@@ -588,9 +605,12 @@ class Custodian:
         records = {cid: self.ledger[cid] for cid in self._unsaved if cid in self.ledger}
         try:
             merged = await asyncio.to_thread(custody_files.update_ledger, self.state_file, records)
-        except CredproxyError as exc:
-            log.error("cannot write the custody ledger (%s); keeping it in memory and retrying", exc)
+        except (CredproxyError, OSError) as exc:
+            if self.ledger_error != str(exc):  # once per cause, not at every refresh
+                log.error("cannot write the custody ledger (%s); keeping it in memory and retrying", exc)
+            self.ledger_error = str(exc)
             return
+        self.ledger_error = ""
         self._unsaved.difference_update(records)
         for cid, record in merged.items():
             self._learn(cid, record)
@@ -618,8 +638,12 @@ class Custodian:
 
         try:
             await asyncio.to_thread(custody_files.write_tokens, self._path, old, fresh, older, hook)
-        except CredproxyError as exc:
+        except (CredproxyError, OSError) as exc:
             log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, exc)
+            return
+        except Exception:
+            # Whatever went wrong, memory holds the only copy: it is kept, and the write retried.
+            log.exception("new tokens of %s are only in memory; will retry the write", fresh.label)
             return
         if self.unpersisted.get(fresh.id) is fresh:
             del self.unpersisted[fresh.id]
@@ -657,6 +681,7 @@ class Custodian:
         windows = sorted(self.windows)
         return {
             "unpersisted": sorted(c.label for c in self.unpersisted.values()),
+            "ledger_error": self.ledger_error,
             "refresh_backoff": backoff_until,
             "refreshing": sorted(c.label for cid in self._tasks if (c := self._pool.by_id(cid)) is not None),
             "persist_window_ms": {

@@ -24,7 +24,7 @@ most once per back-off period.
 the held refresh token's last attempt    the access token              step
 =======================================  ============================  ==================================
 (the refresh token is spent)             any                           ``SPENT``
-none (or another token's)                any                           ``CALL``
+none, or another token's, or KEPT       any                           ``CALL``
 ROTATED (its successor is not here)      any                           ``SPENT``
 DEAD                                     any                           ``RELOGIN``
 REFUSED (never processed)                any                           ``CALL`` after the back-off, else ``WAIT``
@@ -47,6 +47,7 @@ MAX_SPENT = 32
 class Outcome(Enum):
     PENDING = "pending"  # sent; the answer is not recorded (yet, or ever: the holder died)
     ROTATED = "rotated"  # new tokens received: the refresh token is spent
+    KEPT = "kept"  # a new access token, and the same refresh token still valid (the server did not rotate)
     AMBIGUOUS = "ambiguous"  # sent, no usable answer: the server may have rotated
     REFUSED = "refused"  # certainly not processed (never sent; 429): safe to send again later
     DEAD = "dead"  # the grant is gone (invalid_grant, refresh_token_*): a human must log in again
@@ -162,7 +163,7 @@ def next_step(record: Record, held: str, access_serves: bool, backoff_over: bool
     if record.is_spent(held):
         return Step.SPENT
     attempt = record.attempt
-    if attempt is None or attempt.refresh != held:
+    if attempt is None or attempt.refresh != held or attempt.outcome is Outcome.KEPT:
         return Step.CALL
     if attempt.outcome is Outcome.ROTATED:
         return Step.SPENT

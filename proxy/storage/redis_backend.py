@@ -287,6 +287,8 @@ class RedisState:
         for cred in self._pool.all_credentials():
             if cred.kind != "oauth" or cred.refresh is None or self.tokens.synced.get(cred.id) == cred.fingerprint:
                 continue
+            if self._custodian.busy(cred):
+                continue  # a refresh is running: it stores its tokens itself, under its fence
             stored = await self.tokens.exchange(cred, self._custodian.generation_of(cred))
             if stored is not None:
                 await self._custodian.adopt(stored)  # taken if newer (else ours are offered again later)

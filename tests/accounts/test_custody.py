@@ -303,3 +303,26 @@ async def test_tokens_with_cr_lf_or_spaces_in_an_answer_are_a_failed_refresh_and
     assert family.access not in caplog.text
     assert "invalid_token_in_response" in caplog.text
     assert len(token_posts(fake)) == 1  # ambiguous (it did rotate): not sent again while the token serves
+
+
+async def test_an_answer_that_keeps_the_refresh_token_leaves_it_usable(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
+) -> None:
+    """A token endpoint that does not rotate (a new access token only): the refresh token is not spent."""
+    entry = accounts.add("acct-a", expires_in=-1)
+    p = await proxy({"openai-codex": [entry]})
+    issued: list[str] = []
+
+    async def renew_only(request: web.Request, recorded: Recorded, upstream: FakeUpstream) -> web.StreamResponse:
+        assert orjson.loads(recorded.body)["refresh_token"] == entry["refresh"]
+        issued.append(f"at-{len(issued) + 1}")
+        return await json_body(200, {"access_token": issued[-1], "expires_in": 3600})(request, recorded, upstream)
+
+    fake.reset_rules()
+    fake.control_routes["/oauth/token"] = renew_only
+    for _ in range(2):
+        assert (await ask(p))[0] == 200
+        clock.advance(3601)
+    assert (await ask(p))[0] == 200
+    assert [r.token for r in fake.records] == ["at-1", "at-2", "at-3"]
+    assert file_entries(p)[0]["refresh"] == entry["refresh"]

@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 
 from proxy.core.clock import SystemClock
-from proxy.testing.fake_accounts import FakeAccounts
+from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import default_providers, start_serve, stop_serve, write_json
+from tests.conftest import ServeProcess, default_providers, start_serve, stop_serve, write_json
 
 RUN_SECONDS = 8.0
 
@@ -105,3 +105,45 @@ async def test_two_processes_share_refresh_custody_of_rotating_tokens(tmp_path: 
     saved = {e["label"]: e for e in orjson.loads((tmp_path / "auth.json").read_bytes())["openai-codex"]}
     for label, account in (("a", "acct-a"), ("b", "acct-b")):
         assert saved[label]["refresh"] == accounts.families[account].refresh
+
+
+async def test_a_process_killed_during_its_token_call_leaves_an_attempt_the_next_one_follows(tmp_path: Path) -> None:
+    """The token call was sent and its process died (SIGKILL) before any answer: whether the server
+    rotated is unknown. The next process does not send that refresh token while the access token
+    serves: it reads the attempt from the state file and follows its back-off."""
+    fake = FakeUpstream(clock=SystemClock())
+    await fake.start()
+    accounts = FakeAccounts(clock=SystemClock(), faults=[Fault.HANG])
+    accounts.install(fake)
+    fake.on(accounts.model(newest_only=False), path="/responses")
+    entry = accounts.add("acct-a", label="a", expires_in=200)  # valid, inside the refresh margin
+    write_json(tmp_path / "auth.json", {"openai-codex": [entry]})
+    config = write_json(
+        tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
+    )
+    one = await start_serve(config)
+    two: ServeProcess | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{one.url}/codex/responses", json={}) as r:
+                assert r.status == 200  # served at once; the refresh runs in the background and hangs
+            await asyncio.wait_for(accounts.called.wait(), 10)
+            one.process.kill()
+            await one.process.wait()
+            accounts.release.set()
+            two = await start_serve(config)
+            for _ in range(5):
+                async with session.post(f"{two.url}/codex/responses", json={}) as r:
+                    assert r.status == 200
+            async with session.get(f"{two.url}/_credproxy/status") as r:
+                status = await r.json()
+    finally:
+        if two is not None:
+            await stop_serve(two)
+        await fake.stop()
+    state = orjson.loads((tmp_path / "auth.state.json").read_bytes())
+    [record] = state["custody"].values()
+    assert record["attempt"]["outcome"] == "pending"  # what the killed process left
+    assert "a" in status["tokens"]["refresh_backoff"]  # the second process follows it
+    assert accounts.calls_with(entry["refresh"]) == 1
+    assert [r.token for r in fake.records] == [entry["access"]] * 6

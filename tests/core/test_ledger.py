@@ -24,6 +24,7 @@ def attempt(outcome: Outcome, refresh: str = "r1", at: float = T, failures: int 
         (Record(spent={"r1": T}), True, True, Step.SPENT),
         (Record(spent={"r1": T}), False, True, Step.SPENT),
         (Record(attempt=attempt(Outcome.ROTATED)), False, True, Step.SPENT),  # its successor is elsewhere
+        (Record(attempt=attempt(Outcome.KEPT)), True, False, Step.CALL),  # not rotated: still valid
         (Record(attempt=attempt(Outcome.DEAD)), False, True, Step.RELOGIN),
         (Record(attempt=attempt(Outcome.DEAD)), True, True, Step.RELOGIN),
         (Record(attempt=attempt(Outcome.REFUSED)), True, False, Step.WAIT),
