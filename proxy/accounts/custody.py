@@ -183,7 +183,7 @@ class Custodian:
         self._pause_until: dict[str, float] = {}  # monotonic: custody unknown, look again after
         self._paused_why: dict[str, str] = {}
         self.ledger: dict[str, Record] = {}
-        self._unsaved: set[str] = set()  # ledger records not yet in the state file
+        self._unsaved = False  # the ledger has records the state file does not have yet
         self.ledger_error = ""  # why the ledger could not be written, until it is
         self._looked: dict[str, float] = {}  # monotonic: when a request last looked for newer tokens
         self.unpersisted: dict[str, Credential] = {}
@@ -389,7 +389,7 @@ class Custodian:
                 winner = await self.shared.store(current, fresh, fence, generation)
                 if winner is not None:
                     return await self._take(fresh, winner.tokens, winner.generation or None, force=True)
-            await self._save_ledger(fresh)
+            await self._save_ledger()
             return fresh
         if result.outcome is oauth.RefreshOutcome.PERMANENT:
             newer = await self._newer(current)
@@ -476,7 +476,7 @@ class Custodian:
         """Adopt ``newer`` (already judged newer), and make our own credentials file hold them."""
         adopted = self._adopted(current, newer, generation)
         await self._persist(current, adopted, force=force)  # no write when the file holds them already
-        await self._save_ledger(adopted)
+        await self._save_ledger()
         return adopted
 
     def _adopted(self, current: Credential, newer: Credential, generation: int | None) -> Credential:
@@ -487,7 +487,7 @@ class Custodian:
             record = record.spend(current.fingerprint, now)  # superseded: never taken back
         number = max(generation or 0, record.generation + 1)
         self._learn(current.id, record.numbered(adopted.fingerprint, number))
-        self._unsaved.add(current.id)
+        self._unsaved = True
         self._pool.update(adopted)
         self.unpersisted.pop(current.id, None)
         self._pause_until.pop(current.id, None)
@@ -593,16 +593,17 @@ class Custodian:
     async def _record(self, cred: Credential, attempt: Attempt, spend: bool = False) -> None:
         record = replace(self.ledger.get(cred.id, EMPTY), attempt=attempt)
         self._learn(cred.id, record.spend(attempt.refresh, attempt.at) if spend else record)
-        await self._save_ledger(cred)
+        await self._save_ledger()
         await self._record_shared(cred, attempt)
 
     async def _record_shared(self, cred: Credential, attempt: Attempt) -> None:
         if self.shared is not None:
             await self.shared.record(cred, attempt)
 
-    async def _save_ledger(self, cred: Credential) -> None:
-        self._unsaved.add(cred.id)
-        records = {cid: self.ledger[cid] for cid in self._unsaved if cid in self.ledger}
+    async def _save_ledger(self) -> None:
+        """Merge the whole ledger into the state file (small; and so it survives a state file set aside)."""
+        self._unsaved = True
+        records = dict(self.ledger)
         try:
             merged = await asyncio.to_thread(custody_files.update_ledger, self.state_file, records)
         except (CredproxyError, OSError) as exc:
@@ -611,7 +612,7 @@ class Custodian:
             self.ledger_error = str(exc)
             return
         self.ledger_error = ""
-        self._unsaved.difference_update(records)
+        self._unsaved = False
         for cid, record in merged.items():
             self._learn(cid, record)
 
@@ -656,9 +657,8 @@ class Custodian:
         await self._save_unsaved()
 
     async def _save_unsaved(self) -> None:
-        for cid in list(self._unsaved):
-            if (unsaved := self._pool.by_id(cid)) is not None:
-                await self._save_ledger(unsaved)
+        if self._unsaved:
+            await self._save_ledger()
 
     async def close(self) -> None:
         """Let running refreshes finish (and write their tokens) for a moment, then cancel them."""
