@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -112,14 +112,22 @@ def make_app(
         forwarder.transport = transport
         await backend.start()
         yield
-        await accounts.close()
-        await backend.close()
-        await control.close()
-        await transport.close()
+        closers: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("usage checks", accounts.close),
+            ("state", backend.close),
+            ("control session", control.close),
+            ("transport", transport.close),
+        ]
+        for name, close in closers:  # each one, whatever the one before did
+            try:
+                await close()
+            except Exception:
+                log.exception("shutting down: closing the %s failed", name)
 
     app.cleanup_ctx.append(sessions)
     admin = Admin(pool, clock, metrics)
     admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status)
+    admin.problems.extend([backend.problems, custodian.problems, accounts.problems])
     admin.views["state"] = lambda: state_view(pool, backend, clock.time())
     admin.install(app.router)
     app[ADMIN] = admin

@@ -51,7 +51,8 @@ from proxy.core.credentials import Credential, entries, parse_credentials
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import Secret
-from proxy.errors import CredproxyError, StoreError
+from proxy.errors import CredproxyError, StoreError, StoreLocked
+from proxy.observe.supervise import Problem
 from proxy.storage import files
 
 log = logging.getLogger("credproxy.custody")
@@ -111,11 +112,17 @@ class FileRefreshLock:
         try:
             await asyncio.to_thread(lock.acquire)
         except Timeout:
-            raise StoreError(f"the refresh lock of {cred.label} is held by another process") from None
+            raise StoreLocked(f"the refresh lock of {cred.label} is held by another process") from None
+        except OSError as exc:
+            # A read-only folder, a full disk: no lock, so no refresh now (the caller serves from memory).
+            raise StoreError(f"cannot open the refresh lock file of {cred.label}: {files.describe(exc)}") from None
         try:
             yield
         finally:
-            await asyncio.to_thread(lock.release)
+            try:
+                await asyncio.to_thread(lock.release)
+            except OSError as exc:  # closing the lock file failed; the kernel dropped the flock with it
+                log.warning("releasing the refresh lock of %s: %s", cred.label, files.describe(exc))
 
 
 class Custodian:
@@ -140,6 +147,7 @@ class Custodian:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self.unpersisted: dict[str, Credential] = {}
+        self.persist_errors: dict[str, str] = {}  # why the tokens of an unpersisted credential are not written
         self.token_calls = 0
         self.shared: SharedTokens | None = None
 
@@ -162,7 +170,8 @@ class Custodian:
                     return await self._refresh_locked(current, reason, fence)
             except StoreError as exc:
                 log.warning("cannot refresh %s: %s", cred.label, exc)
-                return self._transient(current, "refresh_locked", reason)
+                code = "refresh_locked" if isinstance(exc, StoreLocked) else "lock_file_error"
+                return self._transient(current, code, reason)
 
     def _postpone(self, cred: Credential, reason: str) -> bool:
         if reason != "proactive_expiry" or self.shared is None or self.shared.available():
@@ -290,9 +299,13 @@ class Custodian:
         self.unpersisted[fresh.id] = fresh
         try:
             await asyncio.to_thread(self._write, old, fresh)
-        except CredproxyError as exc:
-            log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, exc)
+        except (CredproxyError, OSError) as exc:
+            error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
+            if self.persist_errors.get(fresh.id) != error:  # once per cause, not at every retry
+                log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, error)
+            self.persist_errors[fresh.id] = error
             return
+        self.persist_errors.pop(fresh.id, None)
         if self.unpersisted.get(fresh.id) is fresh:
             del self.unpersisted[fresh.id]
 
@@ -319,6 +332,13 @@ class Custodian:
         for cred in list(self.unpersisted.values()):
             current = self._pool.current(cred)
             await self._persist(cred, current)
+
+    def problems(self) -> list[Problem]:
+        if not self.unpersisted:
+            return []
+        labels = ", ".join(sorted(c.label for c in self.unpersisted.values()))
+        causes = "; ".join(sorted({self.persist_errors.get(cid, "not yet written") for cid in self.unpersisted}))
+        return [Problem("tokens not persisted", f"refreshed tokens of {labels} exist only in memory: {causes}")]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ from proxy.config import Config
 from proxy.core.clock import Clock
 from proxy.core.pool import Pool
 from proxy.core.secret import public_code
+from proxy.observe.supervise import Problem
 from proxy.storage.file_backend import FileSync
 
 
@@ -36,6 +37,10 @@ class StateBackend(Protocol):
 
     def status(self) -> dict[str, Any]:
         """What an operator needs to know (never a secret)."""
+        ...
+
+    def problems(self) -> list[Problem]:
+        """What does not work as it should now (state not written, Redis away, a task restarting)."""
         ...
 
 

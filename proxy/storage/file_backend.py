@@ -14,6 +14,13 @@ One task per application, woken by changes and by a short poll interval:
   reported once and the last good view keeps serving; its fix is logged. Tokens that exist only in memory (a write
   failed) are never replaced by the file's older ones, and their write is retried.
 
+The task is supervised (:class:`proxy.observe.supervise.Supervised`): an error nobody expected is
+logged once, the task starts over after a back-off, and status and ``/_credproxy/health`` say "file
+sync restarting" until a round goes through. Expected faults of the folder (read-only, full, not
+ours: every ``OSError`` of a lock file, temp file or write) never reach it: they are retried with
+back-off and reported as "state not persisted", "tokens not persisted" or "credentials file
+unreadable", while requests are served from memory.
+
 File I/O runs in threads; the event loop never blocks on the disk.
 """
 
@@ -34,6 +41,7 @@ from proxy.core.credential_state import Entry, expire, merge
 from proxy.core.credentials import Credential, parse_credentials
 from proxy.core.pool import CredentialState, Pool
 from proxy.errors import ConfigError, CredproxyError, StoreError
+from proxy.observe.supervise import Problem, Supervised
 from proxy.storage import files
 from proxy.storage.private_files import check_private
 
@@ -88,7 +96,7 @@ class FileSync:
         self.state_file = state_path(config.credentials_file)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.supervisor = Supervised("file sync", self._run)
         self._credentials_sig = _signature(self.credentials_file)
         self._state_sig: tuple[int, int, int] | None = None
         self._retry_at = 0.0
@@ -116,15 +124,15 @@ class FileSync:
             self._pool.apply(cred_id, expire(entry, now))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="credproxy-sync")
+        self.supervisor.start()
+
+    def task_done(self) -> bool:
+        """True once the background task has ended (only :meth:`close` ends it)."""
+        return not self.supervisor.running()
 
     async def close(self) -> None:
         """Stop, then make a last attempt to write what is pending."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.supervisor.stop()
         await self._write_state()
         if self._custodian is not None:
             await self._custodian.flush()
@@ -147,6 +155,7 @@ class FileSync:
                 self._wake.clear()
                 await asyncio.sleep(DEBOUNCE)  # let a burst of changes land in one write
             await self.step()
+            self.supervisor.ok()
 
     async def step(self) -> None:
         """One round: write pending state, read what others wrote, retry unpersisted tokens."""
@@ -181,15 +190,18 @@ class FileSync:
             self._dirty |= {c.id for c in self._pool.all_credentials()}
             await asyncio.to_thread(self._set_aside, exc)
             return
-        except CredproxyError as exc:
+        except (CredproxyError, OSError) as exc:
+            error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
             self._dirty |= dirty
             self._failures += 1
             delay = backoff(self._failures, 1.0, RETRY_MAX)
             self._retry_at = self._clock.monotonic() + delay
-            if self.write_error != str(exc):
-                log.error("cannot persist credential state (%s); serving from memory, retrying", exc)
-            self.write_error = str(exc)
+            if self.write_error != error:
+                log.error("cannot persist credential state (%s); serving from memory, retrying", error)
+            self.write_error = error
             return
+        if self.write_error:
+            log.info("credential state written again to %s", self.state_file)
         self._failures, self.write_error = 0, ""
         self._state_sig = _signature(self.state_file)
         # What the file held for other credentials (or newer views of ours) comes back to us too.
@@ -239,9 +251,12 @@ class FileSync:
         try:
             doc = await asyncio.to_thread(files.read_document, self.credentials_file)
             loaded = parse_credentials(self.credentials_file, doc, names, self._config.kinds)
-        except CredproxyError as exc:
-            self.credentials_error = str(exc)
-            log.error("the credentials file changed but cannot be used (%s); still serving the last good view", exc)
+        except (CredproxyError, OSError) as exc:
+            self.credentials_error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
+            log.error(
+                "the credentials file changed but cannot be used (%s); still serving the last good view",
+                self.credentials_error,
+            )
             return
         if self.credentials_error:
             count = sum(len(loaded[name]) for name in names)
@@ -262,6 +277,14 @@ class FileSync:
         """The file's credential, unless memory holds tokens the file does not have yet."""
         mine = unpersisted.get(cred.id)
         return self._pool.current(mine) if mine is not None else cred
+
+    def problems(self) -> list[Problem]:
+        found = self.supervisor.problems()
+        if self.write_error:
+            found.append(Problem("state not persisted", self.write_error))
+        if self.credentials_error:
+            found.append(Problem("credentials file unreadable", self.credentials_error))
+        return found
 
     def status(self) -> dict[str, Any]:
         return {
