@@ -31,8 +31,9 @@ class StateBackend(Protocol):
         """Begin syncing (called once the event loop runs)."""
         ...
 
-    async def close(self) -> None:
-        """Stop, after a last attempt to write what is pending."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop, after a last attempt to write what is pending; tokens that exist only in memory are
+        tried again until they are written or the event loop's clock reaches ``deadline``."""
         ...
 
     def status(self) -> dict[str, Any]:

@@ -21,6 +21,9 @@ ours: every ``OSError`` of a lock file, temp file or write) never reach it: they
 back-off and reported as "state not persisted", "tokens not persisted" or "credentials file
 unreadable", while requests are served from memory.
 
+At shutdown the state is written once more, and tokens that exist only in memory are written again
+and again until they land or the shutdown's grace period ends (see :meth:`FileSync.close`).
+
 File I/O runs in threads; the event loop never blocks on the disk.
 """
 
@@ -50,6 +53,9 @@ log = logging.getLogger("credproxy.sync")
 POLL_INTERVAL = 1.0
 DEBOUNCE = 0.2
 RETRY_MAX = 60.0
+#: At shutdown, tokens that exist only in memory are written again after these delays (until the grace ends).
+FINAL_RETRY_FIRST = 0.25
+FINAL_RETRY_MAX = 2.0
 STATE_VERSION = 1
 
 
@@ -130,12 +136,21 @@ class FileSync:
         """True once the background task has ended (only :meth:`close` ends it)."""
         return not self.supervisor.running()
 
-    async def close(self) -> None:
-        """Stop, then make a last attempt to write what is pending."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop, then write what is pending: the state once more, and tokens that exist only in memory
+        until they are written or the event loop's clock reaches ``deadline`` (at least once)."""
         await self.supervisor.stop()
-        await self._write_state()
-        if self._custodian is not None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            await self._write_state()
+            if self._custodian is None or not self._custodian.unpersisted:
+                return
             await self._custodian.flush()
+            if not self._custodian.unpersisted or deadline is None or loop.time() >= deadline:
+                return
+            attempt += 1
+            await asyncio.sleep(min(backoff(attempt, FINAL_RETRY_FIRST, FINAL_RETRY_MAX), deadline - loop.time()))
 
     # The loop ---------------------------------------------------------------------------------
 

@@ -111,13 +111,13 @@ class RedisState:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 2 * self.link.timeout)
 
-    async def close(self) -> None:
+    async def close(self, deadline: float | None = None) -> None:
         await self.supervisor.stop()
         if self.link.up and self._dirty:
             with contextlib.suppress(RedisUnavailable):
                 await self._push(sorted(self._dirty))
         await self.link.close()
-        await self.files.close()
+        await self.files.close(deadline)
 
     def _changed(self, cred: Credential, state: CredentialState) -> None:
         availability = (state.blocked_until, state.disabled, state.unblocked_at)
