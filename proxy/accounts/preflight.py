@@ -12,7 +12,7 @@
 A usage check runs beside requests, never inside one's failure: an error nobody expected in it is
 logged once per cause and reported as "usage polling failing" (status, ``/_credproxy/health``) until
 a check goes through; the usage stays unknown meanwhile and the next check comes after the usual
-60 s.
+60 s. Freshness is measured on the monotonic clock (a wall-clock step changes nothing).
 
 The other two usage signals arrive with every response (:meth:`Accounts.observe_headers`) and inside
 SSE streams (:meth:`Accounts.observe_events`, a stream hook); all three end in
@@ -81,8 +81,8 @@ class Accounts:
             await asyncio.shield(task)
             if not self._pool.available(cred, self._clock.time()):
                 return None
-        elif now - checked >= usage.FRESH_FOR:
-            self._usage_checked[cred.id] = now
+        elif self._clock.monotonic() - checked >= usage.FRESH_FOR:
+            self._usage_checked[cred.id] = self._clock.monotonic()
             self._background(self._check(cred))
         return cred
 
@@ -112,7 +112,7 @@ class Accounts:
         provider = self._pool.provider(cred.provider)
         if provider.usage_url is None:
             return
-        self._usage_checked[cred.id] = self._clock.time()
+        self._usage_checked[cred.id] = self._clock.monotonic()
         headers = {
             "Authorization": f"Bearer {cred.token.reveal()}",
             "openai-beta": "responses=experimental",

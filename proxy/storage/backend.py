@@ -57,7 +57,7 @@ def state_view(pool: Pool, backend: StateBackend, now: float) -> dict[str, Any]:
     """The body of ``GET /_credproxy/state``: this replica's view of every credential, and its backend."""
     credentials = []
     for cred in pool.all_credentials():
-        state = pool.state(cred)
+        state = pool.view(cred)
         credentials.append(
             {
                 "provider": cred.provider,
