@@ -153,7 +153,7 @@ class Custodian:
 
     def may_refresh(self, cred: Credential) -> bool:
         """False while a credential waits out a transient refresh failure."""
-        return self._clock.time() >= self._retry_at.get(cred.id, 0.0)
+        return self._clock.monotonic() >= self._retry_at.get(cred.id, 0.0)  # a duration: monotonic
 
     async def refresh(self, cred: Credential, reason: str) -> Credential | None:
         """Fresh tokens for ``cred`` (maybe another's), or ``None`` when it cannot serve now."""
@@ -222,7 +222,7 @@ class Custodian:
         self._failures[cred.id] = failures
         wait = backoff(failures, RETRY_FIRST, RETRY_MAX)
         now = self._clock.time()
-        self._retry_at[cred.id] = now + wait
+        self._retry_at[cred.id] = self._clock.monotonic() + wait
         self._pool.failed(cred, f"refresh_failed:{code}")
         log.warning("credential %s: refresh failed (%s); next try in %.0f s", cred.label, code, wait)
         expiry = oauth.expires_at(cred.token.reveal(), cred.expires_ms)
@@ -341,12 +341,13 @@ class Custodian:
         return [Problem("tokens not persisted", f"refreshed tokens of {labels} exist only in memory: {causes}")]
 
     def status(self) -> dict[str, Any]:
+        now, mono = self._clock.time(), self._clock.monotonic()
         return {
             "unpersisted": sorted(c.label for c in self.unpersisted.values()),
-            "refresh_backoff": {
-                cred.label: until
+            "refresh_backoff": {  # shown on the wall clock
+                cred.label: now + (until - mono)
                 for cid, until in self._retry_at.items()
-                if (cred := self._pool.by_id(cid)) is not None and until > self._clock.time()
+                if (cred := self._pool.by_id(cid)) is not None and until > mono
             },
         }
 
