@@ -18,7 +18,6 @@ holds a secret.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ log = logging.getLogger("credproxy.supervise")
 #: Restart delays of a failed task: the first, doubling up to the cap.
 RESTART_FIRST = 1.0
 RESTART_MAX = 60.0
+#: How long :meth:`Supervised.stop` waits for a cancelled task before cancelling it again.
+STOP_PATIENCE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +65,12 @@ class Supervised:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        """Cancel the task and wait for it (an error it ended with was logged already)."""
+        """Cancel the task and wait for it to end; cancel again should it swallow a cancellation (code
+        the task awaits may do that: ``asyncio.wait_for`` on Python 3.11), so that a shutdown never hangs."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_PATIENCE)
 
     def ok(self) -> None:
         """The task finished a round as it should: it is no longer restarting."""

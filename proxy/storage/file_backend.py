@@ -164,8 +164,11 @@ class FileSync:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as the
+            # event is set, and this loop would then outlive close().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             if self._wake.is_set():
                 self._wake.clear()
                 await asyncio.sleep(DEBOUNCE)  # let a burst of changes land in one write

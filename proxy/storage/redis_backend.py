@@ -166,8 +166,9 @@ class RedisState:
 
     async def _follow(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: wait_for may swallow a cancel (3.11)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             if not self.link.up:
                 raise RedisUnavailable("a Redis call failed elsewhere")  # resynchronise from scratch
             if self._wake.is_set():
