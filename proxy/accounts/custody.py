@@ -63,8 +63,9 @@ from proxy.core.generations import Order, Stamp, compare, stamp
 from proxy.core.ledger import EMPTY, Attempt, Outcome, Record, Step, merge, next_step
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import Kind, Verdict
-from proxy.core.secret import Secret
-from proxy.errors import CredproxyError, StoreError
+from proxy.core.secret import Secret, public_code
+from proxy.errors import CredproxyError, StoreError, StoreLocked
+from proxy.observe.supervise import Problem
 from proxy.storage import files
 
 log = logging.getLogger("credproxy.custody")
@@ -151,11 +152,17 @@ class FileRefreshLock:
         try:
             await asyncio.to_thread(lock.acquire)
         except Timeout:
-            raise StoreError(f"the refresh lock of {cred.label} is held by another process") from None
+            raise StoreLocked(f"the refresh lock of {cred.label} is held by another process") from None
+        except OSError as exc:
+            # A read-only folder, a full disk: no lock, so no refresh now (the caller serves from memory).
+            raise StoreError(f"cannot open the refresh lock file of {cred.label}: {files.describe(exc)}") from None
         try:
             yield
         finally:
-            await asyncio.to_thread(lock.release)
+            try:
+                await asyncio.to_thread(lock.release)
+            except OSError as exc:  # closing the lock file failed; the kernel dropped the flock with it
+                log.warning("releasing the refresh lock of %s: %s", cred.label, files.describe(exc))
 
 
 class Custodian:
@@ -187,6 +194,7 @@ class Custodian:
         self.ledger_error = ""  # why the ledger could not be written, until it is
         self._looked: dict[str, float] = {}  # monotonic: when a request last looked for newer tokens
         self.unpersisted: dict[str, Credential] = {}
+        self.persist_errors: dict[str, str] = {}  # why the tokens of an unpersisted credential are not written
         self.token_calls = 0
         #: Seconds from a token answer's arrival to its tokens replacing the credentials file (the last 100).
         self.windows: deque[float] = deque(maxlen=100)
@@ -366,6 +374,8 @@ class Custodian:
             self._session(), provider, current.refresh.reveal(), reason, self._clock.time, self.token_timeout
         )
         result = answer.result
+        # The endpoint's error text may quote the refresh token: only a code is ever shown or logged.
+        code = public_code(result.code, self._pool.secrets())
         if result.outcome is oauth.RefreshOutcome.OK:
             fresh = replace(
                 current,
@@ -397,23 +407,23 @@ class Custodian:
                 return await self._take(current, *newer)
             now = self._clock.time()
             await self._record(current, Attempt(fp, Outcome.DEAD, now, failures), spend=True)
-            self._relogin(current, f"the token endpoint answered {result.code}")
+            self._relogin(current, f"the token endpoint answered {code}")
             return None
         outcome = Outcome.AMBIGUOUS if result.ambiguous else Outcome.REFUSED
         wait = self._retry_in(failures)
         now = self._clock.time()
         await self._record(current, Attempt(fp, outcome, now, failures, now + wait))
-        self._pool.failed(current, f"refresh_failed:{result.code}")
+        self._pool.failed(current, f"refresh_failed:{code}")
         if outcome is Outcome.AMBIGUOUS:
             log.warning(
                 "credential %s: refresh failed (%s); the server may have rotated its refresh token, so it is not "
                 "sent again while the access token serves, then at most every %.0f s",
                 current.label,
-                result.code,
+                code,
                 wait,
             )
         else:
-            log.warning("credential %s: refresh refused (%s); next try in %.0f s", current.label, result.code, wait)
+            log.warning("credential %s: refresh refused (%s); next try in %.0f s", current.label, code, wait)
         return self._follow(current)
 
     def _follow(self, cred: Credential) -> Credential | None:
@@ -640,12 +650,17 @@ class Custodian:
         try:
             await asyncio.to_thread(custody_files.write_tokens, self._path, old, fresh, older, hook)
         except (CredproxyError, OSError) as exc:
-            log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, exc)
+            error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
+            if self.persist_errors.get(fresh.id) != error:  # once per cause, not at every retry
+                log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, error)
+            self.persist_errors[fresh.id] = error
             return
         except Exception:
             # Whatever went wrong, memory holds the only copy: it is kept, and the write retried.
             log.exception("new tokens of %s are only in memory; will retry the write", fresh.label)
+            self.persist_errors[fresh.id] = "unexpected error"
             return
+        self.persist_errors.pop(fresh.id, None)
         if self.unpersisted.get(fresh.id) is fresh:
             del self.unpersisted[fresh.id]
 
@@ -668,6 +683,17 @@ class Custodian:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def problems(self) -> list[Problem]:
+        found = []
+        if self.unpersisted:
+            labels = ", ".join(sorted(c.label for c in self.unpersisted.values()))
+            causes = "; ".join(sorted({self.persist_errors.get(cid, "not yet written") for cid in self.unpersisted}))
+            detail = f"refreshed tokens of {labels} exist only in memory: {causes}"
+            found.append(Problem("tokens not persisted", detail))
+        if self.ledger_error:
+            found.append(Problem("custody ledger not persisted", self.ledger_error))
+        return found
 
     def status(self) -> dict[str, Any]:
         now = self._clock.time()

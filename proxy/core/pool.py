@@ -6,6 +6,17 @@ to ``listeners`` (persistence, shared state, metrics follow without the pool kno
 and views from other processes come back through :meth:`Pool.apply`, merged by
 :func:`proxy.core.credential_state.merge`.
 
+**Time.** A block's end is kept twice: ``blocked_until``, the wall-clock epoch second it was
+announced for (what the state file and Redis hold and other processes merge), and
+``block_deadline``, a deadline on the monotonic clock (what this process decides with). A block is
+over when either has passed: a wall clock that steps back (NTP, a VM restored) cannot lengthen it,
+and one that steps forward (a suspend, which the monotonic clock does not count) can only end it
+early (reliability F37). Views from elsewhere are converted at the boundary (:meth:`Pool.apply`,
+:func:`proxy.core.credential_state.remaining`); a copy of a block this process holds or held is
+recognised by its (start, end) and never converted again, so the state file handing back an
+old-clock copy of our own block cannot start it over. What is shown (status, metrics, Retry-After)
+comes from :meth:`Pool.view`: the end on today's wall clock.
+
 It also remembers, for recent sessions, which credential served them last: that tells a new session
 from a returning one (the soft limit steers only new sessions) and a session that switches accounts
 (whose account-bound state must be dropped).
@@ -13,14 +24,14 @@ from a returning one (the soft limit steers only new sessions) and a session tha
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from proxy.config import Provider
 from proxy.core import selection
 from proxy.core.clock import Clock
-from proxy.core.credential_state import Entry, merge
+from proxy.core.credential_state import Entry, merge, remaining
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import public_code
@@ -29,11 +40,14 @@ from proxy.errors import NoCredentialAvailable
 
 #: How many sessions the pool remembers (least recently used are forgotten).
 MAX_SESSIONS = 10_000
+#: Blocks remembered per credential, to recognise copies of them coming back from the state file or Redis.
+KNOWN_BLOCKS = 8
 
 
 @dataclass(slots=True)
 class CredentialState:
-    blocked_until: float = 0.0
+    blocked_until: float = 0.0  # wall-clock epoch seconds, as persisted and shared
+    block_deadline: float = 0.0  # the same end on the monotonic clock: what this process decides with
     blocked_since: float = 0.0
     block_reason: str = ""
     attention: bool = False  # a human must act (billing, plan, re-login)
@@ -80,6 +94,7 @@ class Pool:
         self._by_id: dict[str, Credential] = {}
         self._sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._secrets: tuple[str, ...] | None = None
+        self._known: dict[str, deque[tuple[float, float]]] = {}  # id -> (since, until) of its latest blocks
         self.listeners: list[Listener] = []
         for name in self._providers:
             self.replace(name, credentials.get(name, ()))
@@ -118,7 +133,7 @@ class Pool:
         # A flag raised for an older token (before a re-login or a new key) no longer applies.
         if state.disabled and state.disabled_token and state.disabled_token != cred.fingerprint:
             state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
-            state.attention = state.blocked_until > self._clock.time() and state.attention
+            state.attention = self._left(state) > 0 and state.attention
 
     def providers(self) -> Iterable[Provider]:
         return self._providers.values()
@@ -156,6 +171,37 @@ class Pool:
     def state(self, cred: Credential) -> CredentialState:
         return self._state[cred.id]
 
+    def view(self, cred: Credential) -> CredentialState:
+        """``cred``'s state as shown: ``blocked_until`` is when its block ends on today's wall clock (0: ended)."""
+        state = self._state[cred.id]
+        if not state.blocked_until:
+            return state
+        now, mono = self._clock.time(), self._clock.monotonic()
+        left_wall, left_mono = state.blocked_until - now, state.block_deadline - mono
+        if min(left_wall, left_mono) <= 0:
+            return replace(state, blocked_until=0.0)
+        if left_wall <= left_mono:
+            return state
+        return replace(state, blocked_until=now + left_mono)
+
+    def entry(self, cred: Credential) -> Entry:
+        """What to persist and share of ``cred``'s state: a block that has ended here is left out."""
+        state = self._state[cred.id]
+        entry = state.entry()
+        return entry if self._left(state) > 0 or not entry.blocked_until else _without_block(entry)
+
+    def _left(self, state: CredentialState) -> float:
+        """Seconds until the block ends (0 or less: not blocked); the earlier of its two clocks."""
+        if not state.blocked_until:
+            return 0.0
+        return min(state.blocked_until - self._clock.time(), state.block_deadline - self._clock.monotonic())
+
+    def _remember(self, cred_id: str, state: CredentialState) -> None:
+        known = self._known.setdefault(cred_id, deque(maxlen=KNOWN_BLOCKS))
+        block = (state.blocked_since, state.blocked_until)
+        if block not in known:
+            known.append(block)
+
     # Selection -------------------------------------------------------------------------------
 
     def order(self, provider: str, session_id: str | None, advance: bool = True) -> list[Credential]:
@@ -187,8 +233,11 @@ class Pool:
         return self._sessions.get((provider, session_id))
 
     def available(self, cred: Credential, now: float) -> bool:
+        """Not disabled, and not blocked at wall-clock time ``now`` or by the block's monotonic deadline."""
         state = self._state[cred.id]
-        return not state.disabled and state.blocked_until <= now
+        if state.disabled:
+            return False
+        return state.blocked_until <= now or state.block_deadline <= self._clock.monotonic()
 
     # Outcomes --------------------------------------------------------------------------------
 
@@ -196,11 +245,14 @@ class Pool:
         """Block ``cred`` until ``verdict.until``; a new block never shortens an existing one."""
         state = self._state[cred.id]
         now = self._clock.time()
-        if verdict.until > state.blocked_until:
-            if state.blocked_until <= now:
+        current = self._left(state)
+        if verdict.until - now > current:
+            if current <= 0 or state.blocked_since > now:  # a new block (or one dated before a clock step back)
                 state.blocked_since = now
             state.blocked_until = verdict.until
+            state.block_deadline = self._clock.monotonic() + (verdict.until - now)
             state.block_reason = public_code(verdict.reason, self.secrets())
+            self._remember(cred.id, state)
         state.attention = state.attention or verdict.attention
         state.consecutive_limits += 1
         state.last_error = public_code(verdict.reason, self.secrets())
@@ -223,7 +275,7 @@ class Pool:
         state.usage = snapshot
         now = self._clock.time()
         until = exhausted_until(snapshot, now) if block else None
-        if until is not None and until > state.blocked_until:
+        if until is not None and until - now > self._left(state):
             self.block(cred, Verdict(Kind.LIMITED, reason="usage_exhausted", until=until, source=snapshot.source))
             return
         self._changed(cred, state)
@@ -238,7 +290,7 @@ class Pool:
             self._sessions.move_to_end(key)
             if len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        if state.attention and not state.disabled and state.blocked_until <= self._clock.time():
+        if state.attention and not state.disabled and self._left(state) <= 0:
             state.attention = False
             self._changed(cred, state)
 
@@ -250,7 +302,7 @@ class Pool:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""
         state = self._state[cred.id]
         state.unblocked_at = self._clock.time()
-        state.blocked_until = state.blocked_since = 0.0
+        state.blocked_until = state.blocked_since = state.block_deadline = 0.0
         state.block_reason = ""
         state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
         state.attention = False
@@ -265,21 +317,29 @@ class Pool:
             return False
         if remote.disabled and remote.disabled_token and remote.disabled_token != cred.fingerprint:
             remote = replace(remote, disabled="", disabled_since=0.0, disabled_token="")
+        if remote.blocked_until and (remote.blocked_since, remote.blocked_until) in self._known.get(cred_id, ()):
+            remote = _without_block(remote)  # a copy of a block we hold or held: nothing new in it
         before = state.entry()
-        merged = merge(before, remote)
+        merged = merge(self.entry(cred), remote)
         if merged == before:
             return False
+        if not merged.blocked_until:
+            state.block_deadline = 0.0
+        elif (merged.blocked_since, merged.blocked_until) != (before.blocked_since, before.blocked_until):
+            state.block_deadline = self._clock.monotonic() + remaining(merged, self._clock.time())
         state.blocked_until, state.blocked_since = merged.blocked_until, merged.blocked_since
         state.block_reason, state.attention = merged.reason, merged.attention or bool(merged.disabled)
         state.disabled, state.disabled_since = merged.disabled, merged.disabled_since
         state.disabled_token, state.unblocked_at = merged.disabled_token, merged.unblocked_at
         state.usage = merged.usage
+        if merged.blocked_until:
+            self._remember(cred_id, state)
         return True
 
     def unavailable(self, provider: str) -> NoCredentialAvailable:
         """The error for "nothing can serve ``provider`` now": 429 with a retry time, or 503."""
         creds = self.credentials(provider)
-        waits = [self._state[c.id].blocked_until for c in creds if not self._state[c.id].disabled]
+        waits = [self.view(c).blocked_until for c in creds if not self._state[c.id].disabled]
         if not creds:
             return NoCredentialAvailable(provider, None, f"no credentials are configured for provider {provider!r}")
         if not waits:
@@ -296,3 +356,7 @@ class Pool:
     def _changed(self, cred: Credential, state: CredentialState) -> None:
         for listener in self.listeners:
             listener(cred, state)
+
+
+def _without_block(entry: Entry) -> Entry:
+    return replace(entry, blocked_until=0.0, blocked_since=0.0, reason="", attention=False)

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.app import known_secrets, make_app
+from proxy.app import ACCOUNTS, known_secrets, make_app
 from proxy.config import Logging, load_config
 from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
@@ -36,7 +36,7 @@ from proxy.testing.fake_upstream import (
     unauthorized,
     usage_limit,
 )
-from tests.conftest import ProxyFactory, RunningProxy, default_providers, run_credproxy, write_json
+from tests.conftest import ProxyFactory, RunningProxy, default_providers, run_credproxy, wait_until, write_json
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
@@ -271,8 +271,10 @@ async def test_status_shows_codes_never_the_upstreams_text(
     async with p.post("/openai/responses", json={"model": "m"}, headers={"session-id": "s"}) as r:
         assert r.status == 400
     async with p.post("/codex/responses", json={"model": "m"}) as r:
-        assert r.status == 200
-    assert any(r.path.endswith("/oauth/token") for r in fake.control)
+        assert r.status == 200  # served at once; the refresh runs in the background
+    custodian = p.app[ACCOUNTS].custodian
+    await wait_until(lambda: any(r.path.endswith("/oauth/token") for r in fake.control))
+    await wait_until(lambda: not custodian.status()["refreshing"])
 
     async with p.get("/_credproxy/status") as r:
         status = (await r.read()).decode()
