@@ -254,6 +254,7 @@ class Custodian:
         if current.token != cred.token and self.serves(current):
             return current  # refreshed meanwhile
         self._refused[cred.id] = _digest(cred.token.reveal())
+        self._looked.pop(cred.id, None)  # news since the last look: another replica may have just rotated it
         return await self.ensure(current, "unauthorized_recovery")
 
     # The refresh task ----------------------------------------------------------------------------
