@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,23 @@ async def start_serve(
                 return serving
             assert process.returncode is None, "credproxy exited before listening:\n" + serving.log()
             await asyncio.sleep(0.05)
+
+
+async def start_all(starts: Iterable[Awaitable[ServeProcess]], into: list[ServeProcess]) -> list[ServeProcess]:
+    """Start processes at once; each one that started is appended to ``into`` (which the caller stops
+    in its ``finally``) before the first failure, if any, is raised: none is left running unowned."""
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    started = [r for r in results if isinstance(r, ServeProcess)]
+    into += started
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return started
+
+
+async def stop_all_serves(processes: list[ServeProcess]) -> list[int]:
+    """Stop processes at once; their exit statuses, in order."""
+    return [code for code, _ in await asyncio.gather(*(stop_serve(p) for p in processes))]
 
 
 async def stop_serve(serving: ServeProcess) -> tuple[int, str]:

@@ -7,9 +7,10 @@ account's whole token family, so that a human must log in again. Everything here
 **a refresh token is sent at most once, unless nobody can know whether it was redeemed.**
 
 1. **Requests never wait on a refresh while their access token serves.** A token inside the refresh
-   margin is refreshed in the background (:meth:`Custodian.refresh_soon`); only a request whose access
-   token has expired (or was refused upstream) waits for the refresh, at most ``wait_bound`` seconds,
-   and then moves on to another account.
+   margin is refreshed in the background (:meth:`Custodian.refresh_soon`, when a request uses it, and
+   :meth:`Custodian.sweep` every second of the file sync, for idle accounts); only a request whose
+   access token has expired (or was refused upstream) waits for the refresh, at most ``wait_bound``
+   seconds, and then moves on to another account.
 2. **One refresh task per credential**, shared by everyone who needs it: in this process, waiters
    await the same task and follow its outcome (new tokens, a back-off, a dead grant); they never call
    again.
@@ -201,6 +202,7 @@ class Custodian:
         self.wait_bound = REFRESH_WAIT
         self.token_timeout = TOKEN_CALL_TIMEOUT
         self.shared: SharedTokens | None = None
+        self._closed = False  # shutting down: no new token call (its answer could be lost at exit)
 
     # What requests ask --------------------------------------------------------------------------
 
@@ -220,9 +222,16 @@ class Custodian:
         """Whether a refresh of ``cred`` is running (its tokens are about to change)."""
         return cred.id in self._tasks
 
+    def sweep(self) -> None:
+        """Start the background refresh of every account whose token still serves but is due: an idle
+        account is refreshed ahead of its expiry too, so that its first request does not wait."""
+        for cred in self._pool.all_credentials():
+            if cred.kind == "oauth" and cred.refresh is not None and self.serves(cred) and self.due(cred):
+                self.refresh_soon(cred)
+
     def refresh_soon(self, cred: Credential) -> None:
         """Refresh ``cred`` in the background (its access token still serves: nobody waits)."""
-        if cred.id not in self._tasks and self._step(cred) in (Step.CALL, Step.SPENT):
+        if not self._closed and cred.id not in self._tasks and self._step(cred) in (Step.CALL, Step.SPENT):
             self._start(cred, "proactive_expiry")
 
     async def ensure(self, cred: Credential, reason: str = "proactive_expiry") -> Credential | None:
@@ -232,6 +241,8 @@ class Custodian:
             return current
         task = self._tasks.get(cred.id)
         if task is None:
+            if self._closed:
+                return None  # shutting down: no token call whose answer the exit could lose
             step = self._step(current)
             if step is Step.RELOGIN:
                 self._relogin(current, "the token endpoint said so before")
@@ -677,7 +688,9 @@ class Custodian:
             await self._save_ledger()
 
     async def close(self) -> None:
-        """Let running refreshes finish (and write their tokens) for a moment, then cancel them."""
+        """Start no more refreshes; let running ones finish (and write their tokens) for a moment, then
+        cancel them."""
+        self._closed = True
         tasks = list(self._tasks.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT)

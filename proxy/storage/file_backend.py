@@ -182,13 +182,16 @@ class FileSync:
             self.supervisor.ok()
 
     async def step(self) -> None:
-        """One round: write pending state, read what others wrote, retry unpersisted tokens."""
+        """One round: write pending state, read what others wrote, retry unpersisted tokens, and start
+        the refresh of tokens due for one (an idle account's too: it is refreshed ahead of its expiry)."""
         if self._dirty and self._clock.monotonic() >= self._retry_at:
             await self._write_state()
         await self._read_state()
         await self._reload_credentials()
         if self._custodian is not None and self._custodian.unpersisted:
             await self._custodian.flush()
+        if self._custodian is not None:
+            self._custodian.sweep()
 
     async def _write_state(self) -> None:
         if not self._dirty:

@@ -80,6 +80,44 @@ async def test_a_token_close_to_expiry_is_refreshed_in_the_background_and_persis
     assert [f for f in os.listdir(p.credentials_file.parent) if f.endswith(".tmp")] == []
 
 
+async def test_an_idle_account_is_refreshed_ahead_of_its_expiry_by_the_file_sync(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
+) -> None:
+    """No request needs the account: the sync's round refreshes it before it expires (so that its next
+    request neither waits nor meets an expired token); an account not yet due is left alone."""
+    entries = [accounts.add("acct-a", label="a", expires_in=120), accounts.add("acct-b", label="b")]
+    p = await proxy({"openai-codex": entries})
+    await p.app[SYNC].step()
+    await wait_until(lambda: len(accounts.token_calls) == 1 and idle(p))
+    assert accounts.token_calls == [("acct-a", 1)]
+    assert fake.records == []  # no request was made
+    family = accounts.families["acct-a"]
+    saved = {e["label"]: e for e in file_entries(p)}
+    assert (saved["a"]["access"], saved["a"]["refresh"]) == (family.access, family.refresh)
+    assert saved["b"]["refresh"] == entries[1]["refresh"]
+    clock.advance(200)  # a's old access token has expired now; the refreshed one serves at once
+    status, headers = await ask(p, session_for(0, 2))
+    assert (status, headers["x-credproxy-credential"]) == (200, "a")
+    assert fake.records[0].token == family.access
+    assert accounts.token_calls == [("acct-a", 1)]
+
+
+async def test_no_token_call_starts_once_shutdown_has_begun(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
+) -> None:
+    """The exit could lose the answer of a call started now (the only copy of the new refresh token)."""
+    entries = [accounts.add("acct-a", label="a", expires_in=120), accounts.add("acct-b", label="b", expires_in=-1)]
+    p = await proxy({"openai-codex": entries})
+    custodian = p.app[ACCOUNTS].custodian
+    await custodian.close()
+    custodian.sweep()
+    assert custodian.status()["refreshing"] == []
+    expired = p.pool.by_label("b")
+    assert expired is not None
+    assert await custodian.ensure(expired) is None
+    assert token_posts(fake) == []
+
+
 async def test_twenty_concurrent_requests_share_one_refresh(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:

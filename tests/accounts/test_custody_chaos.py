@@ -31,9 +31,9 @@ from proxy.core.clock import SystemClock
 from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.accounts import editor
-from tests.conftest import ServeProcess, default_providers, start_serve, stop_serve, write_json
+from tests.conftest import ServeProcess, default_providers, start_all, start_serve, stop_all_serves, write_json
 
-RUN_SECONDS = 32.0
+RUN_SECONDS = 30.0
 LABELS = ("a", "b", "c", "d", "e", "f")
 FAULTS = ((5.0, Fault.ERROR), (11.0, Fault.ROTATE_THEN_500), (17.0, Fault.HANG), (23.0, Fault.ROTATE_THEN_DROP))
 
@@ -130,8 +130,7 @@ async def test_three_processes_one_file_editor_and_token_endpoint_faults_lose_no
     processes: list[ServeProcess] = []
     chaos = Chaos(path, fake, accounts, processes)
     try:
-        for _ in range(3):
-            processes.append(await start_serve(config))
+        await start_all((start_serve(config) for _ in range(3)), processes)
         clients = [chaos.client(p, f"s{n}-{i}") for n, p in enumerate(processes) for i in range(3)]
         work = asyncio.gather(*clients, chaos.person(), chaos.snapshots_of_the_file(), chaos.faults())
         await asyncio.sleep(RUN_SECONDS)
@@ -149,7 +148,7 @@ async def test_three_processes_one_file_editor_and_token_endpoint_faults_lose_no
     finally:
         chaos.stop.set()
         accounts.release.set()
-        codes = [(await stop_serve(p))[0] for p in processes]
+        codes = await stop_all_serves(processes)
         await fake.stop()
 
     outcomes = Counter(call.outcome for call in accounts.calls)

@@ -28,7 +28,7 @@ from proxy.core.clock import SystemClock
 from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.accounts import editor
-from tests.conftest import ServeProcess, default_providers, start_serve, stop_serve, write_json
+from tests.conftest import ServeProcess, default_providers, start_all, start_serve, stop_all_serves, write_json
 from tests.redis_server import RedisServer
 
 LABELS = {"a": "acct-a", "b": "acct-b"}  # label -> account
@@ -134,20 +134,20 @@ async def test_case3_redis_restarted_empty_and_a_replica_with_an_old_file_cannot
         (tmp_path / "two").mkdir()
         write_json(tmp_path / "two" / "auth.json", credentials)  # two is down; its file stays as it is
         traffic.start("one", one)
-        async with asyncio.timeout(30):  # one rotates every account twice meanwhile
-            while not all(rotations(accounts, account) >= 2 for account in LABELS.values()):  # noqa: ASYNC110
+        async with asyncio.timeout(30):  # one rotates every account meanwhile: two's file is old
+            while not all(rotations(accounts, account) >= 1 for account in LABELS.values()):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
         await redis_server.kill()
         await redis_server.start()  # empty: no persistence
         two = await replica(tmp_path / "two", fake, redis_server, credentials)  # its file is old
         running.append(two)
         traffic.start("two", two)
-        await asyncio.sleep(6.0)
+        await asyncio.sleep(4.0)
         await traffic.stop()
         converged = await converge(accounts, [tmp_path / "one", tmp_path / "two"])
     finally:
         await traffic.stop()
-        codes = [(await stop_serve(p))[0] for p in running]
+        codes = await stop_all_serves(running)
         await fake.stop()
     print(
         f"\ncase 3: token calls {len(accounts.calls)}, reuse errors {accounts.reuse_errors}, "
@@ -174,13 +174,14 @@ async def test_case4_redis_paused_no_double_redemption_and_no_wait_on_a_lock_hel
     traffic = Traffic()
     running: list[ServeProcess] = []
     try:
-        for name in ("one", "two"):
-            running.append(await replica(tmp_path / name, fake, redis_server, credentials))
-            traffic.start(name, running[-1])
-        await asyncio.sleep(2.0)
+        names = ("one", "two")
+        await start_all((replica(tmp_path / n, fake, redis_server, credentials) for n in names), running)
+        for name, p in zip(names, running, strict=True):
+            traffic.start(name, p)
+        await asyncio.sleep(1.5)
         redis_server.pause()
         paused_at = time.monotonic()
-        await asyncio.sleep(4.0)
+        await asyncio.sleep(3.0)
         redis_server.resume()
         resumed_at = time.monotonic()
         calls_at_resume = len(accounts.token_calls)
@@ -191,12 +192,12 @@ async def test_case4_redis_paused_no_double_redemption_and_no_wait_on_a_lock_hel
                 while len(accounts.token_calls) < calls_at_resume + 2:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
                 resumed_after = time.monotonic() - resumed_at
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(1.0)
         await traffic.stop()
         converged = await converge(accounts, [tmp_path / "one", tmp_path / "two"])
     finally:
         await traffic.stop()
-        codes = [(await stop_serve(p))[0] for p in running]
+        codes = await stop_all_serves(running)
         await fake.stop()
     after = [seconds for _, _, started, seconds in traffic.results if started >= paused_at]
     slowest = max(after, default=0.0)
@@ -281,9 +282,9 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
                 redis_server.resume()
 
     try:
-        for folder in folders:
-            running.append(await replica(folder, fake, redis_server, credentials))
-            traffic.start(folder.name, running[-1])
+        await start_all((replica(folder, fake, redis_server, credentials) for folder in folders), running)
+        for folder, p in zip(folders, running, strict=True):
+            traffic.start(folder.name, p)
         started = time.monotonic()
         work = asyncio.gather(person(), snapshots(), redis_and_token_endpoint())
         await asyncio.sleep(30.0)
@@ -298,7 +299,7 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
         if redis_server.process is not None:
             redis_server.resume()
         await traffic.stop()
-        codes = [(await stop_serve(p))[0] for p in running]
+        codes = await stop_all_serves(running)
         await fake.stop()
     outcomes = Counter(call.outcome for call in accounts.calls)
     slowest = max(seconds for _, _, _, seconds in traffic.results)
