@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -30,6 +31,8 @@ PERMANENT_CODES = frozenset(
 )
 #: Refresh this long before the access token expires, so that no request meets an expired token.
 REFRESH_MARGIN = 300.0
+#: The code that starts an error text: ``invalid_grant`` of ``invalid_grant: refresh_token rt_... is not valid``.
+_LEADING_CODE = re.compile(r"([A-Za-z][A-Za-z0-9_.\-]*)(?=$|[:\s])")
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -140,12 +143,21 @@ def classify_refresh(status: int, body: bytes, now: float) -> RefreshResult:
 
 
 def _error_code(doc: dict[str, Any]) -> str:
-    """The error code from ``error.code``, an ``error`` string, or a top-level ``code``."""
+    """The error code from ``error.code``, an ``error`` string, or a top-level ``code``: its leading
+    identifier only. The rest may quote the refresh token (``invalid_grant: refresh_token rt_... is
+    not valid``): it is never kept, so it reaches no status, log or state file."""
     error = doc.get("error")
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
-        return code if isinstance(code, str) else ""
-    if isinstance(error, str):
-        return error
-    code = doc.get("code")
-    return code if isinstance(code, str) else ""
+    elif isinstance(error, str):
+        code = error
+    else:
+        code = doc.get("code")
+    return _leading_code(code) if isinstance(code, str) else ""
+
+
+def _leading_code(text: str) -> str:
+    """``invalid_grant`` from ``invalid_grant: ...`` or ``invalid_grant (...)``; "" when the text does
+    not start with an identifier that ends at ``:``, whitespace or the end."""
+    match = _LEADING_CODE.match(text.strip())
+    return match.group(1) if match is not None else ""

@@ -176,6 +176,30 @@ async def test_a_revoked_grant_needs_a_relogin_and_keeps_its_tokens_in_the_file(
     assert file_entries(p)[0]["access"] == entries[0]["access"]
 
 
+async def test_a_dead_grant_whose_error_text_quotes_the_refresh_token_needs_a_relogin_and_shows_only_its_code(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``invalid_grant: refresh_token rt_... is not valid``: permanent by its leading code (not retried
+    as if it were transient), and the quoted token reaches no log line and no status."""
+    entries = [accounts.add("acct-a", label="a", expires_in=-1), accounts.add("acct-b", label="b")]
+    p = await proxy({"openai-codex": entries})
+    secret = entries[0]["refresh"]
+    answer = {"error": f"invalid_grant: refresh_token {secret} is not valid"}
+    fake.control_routes["/oauth/token"] = json_body(400, answer)
+    caplog.set_level(logging.DEBUG)
+    sid = session_for(0, 2)
+    assert [(await ask(p, sid))[1]["x-credproxy-credential"] for _ in range(3)] == ["b"] * 3
+    cred = p.pool.by_label("a")
+    assert cred is not None
+    assert p.pool.state(cred).disabled == "needs_relogin"
+    assert len(token_posts(fake)) == 1
+    async with p.get("/_credproxy/status") as r:
+        status = await r.text()
+    assert "invalid_grant" in caplog.text
+    assert secret not in caplog.text
+    assert secret not in status
+
+
 async def test_when_another_process_already_refreshed_its_tokens_are_adopted(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
 ) -> None:

@@ -68,12 +68,20 @@ OK, PERMANENT, TRANSIENT = oauth.RefreshOutcome.OK, oauth.RefreshOutcome.PERMANE
         (503, None, TRANSIENT, "http_503", True),
         (429, {"error": "slow_down"}, TRANSIENT, "slow_down", False),  # a refusal: nothing was redeemed
         (400, {"error": {"code": "invalid_request"}}, TRANSIENT, "invalid_request", False),
+        # An error text that quotes the token: its leading code decides, and nothing else of it is kept.
+        (400, {"error": "invalid_grant: refresh_token rt_SECRET is not valid"}, PERMANENT, "invalid_grant", False),
+        (400, {"error": "refresh_token_reused (rt_SECRET)"}, PERMANENT, "refresh_token_reused", False),
+        (400, {"error": {"code": "invalid_grant: rt_SECRET"}}, PERMANENT, "invalid_grant", False),
+        (400, {"code": " refresh_token_expired:rt_SECRET"}, PERMANENT, "refresh_token_expired", False),
+        (400, {"error": "Bearer/rt_SECRET"}, TRANSIENT, "http_400", False),  # no code at its start
+        (500, {"error": "server_error: upstream rt_SECRET"}, TRANSIENT, "server_error", True),
     ],
 )
 def test_classify_refresh(status: int, body: object, outcome: oauth.RefreshOutcome, code: str, ambiguous: bool) -> None:
     raw = orjson.dumps(body) if body is not None else b"<html>bad gateway</html>"
     result = oauth.classify_refresh(status, raw, NOW)
     assert (result.outcome, result.code, result.ambiguous) == (outcome, code, ambiguous)
+    assert "SECRET" not in repr(result)
 
 
 @pytest.mark.parametrize(
