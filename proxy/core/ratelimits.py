@@ -24,6 +24,17 @@ delay says nothing about when the limit ends); one between eight days and a year
 days (a weekly plan window fits). A reset time in the past means "now", and every block lasts at
 least one second. ``insufficient_quota`` and ``usage_not_included`` need a human (billing, plan):
 they block for a day at least and are flagged.
+
+Not every refusal is the credential's fault (issue 16: one request must not condemn the pool):
+
+* a limit answer whose message says the *request* is larger than the limit ("Request too large ...",
+  or "Limit 30000, Requested 50000": requested above the limit) is an ``ERROR``: no wait helps, no
+  other credential would take it, so it goes back to the client unchanged;
+* a ``401`` is ``UNAUTHORIZED`` (the credential is invalid: disable an API key) only when it says so:
+  ``invalid_api_key``, "Incorrect API key provided", a revoked or deactivated key or account. A
+  ``401`` about missing scopes or permissions ("You have insufficient permissions for this
+  operation. Missing scopes: ...") is the request's: an ``ERROR``, passed through. Any other ``401``
+  is ``REFUSED``: the credential may be at fault, but nothing says it is invalid.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ from proxy.core.backoff import backoff
 
 LIMIT_CODES = frozenset({"usage_limit_reached", "usage_not_included", "rate_limit_exceeded", "insufficient_quota"})
 ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included"})
+#: Codes of a 401 that say the credential itself is invalid.
+INVALID_CREDENTIAL_CODES = frozenset({"invalid_api_key", "account_deactivated", "api_key_revoked"})
+#: Codes of a 401 about what the request may do (scopes, roles), not about the credential.
+PERMISSION_CODES = frozenset({"insufficient_permissions", "missing_scope", "missing_scopes", "permission_denied"})
 CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
 _KNOWN_CODES = LIMIT_CODES | CONTINUATION_CODES
 
@@ -54,7 +69,8 @@ ABSURD = 366 * 86400.0
 class Kind(Enum):
     OK = "ok"  # pass the answer through; the credential is fine
     LIMITED = "limited"  # block the credential until ``until``; replay elsewhere
-    UNAUTHORIZED = "unauthorized"  # 401: the token or key is not valid
+    UNAUTHORIZED = "unauthorized"  # 401 that says the token or key is not valid
+    REFUSED = "refused"  # 401 that does not say why (an expired token, or something the classifier does not know)
     BAD_CONTINUATION = "bad_continuation"  # 400: reasoning or response id of another account
     ERROR = "error"  # any other error: passed through untouched
 
@@ -82,6 +98,7 @@ class Verdict(NamedTuple):
 
 
 OK = Verdict(Kind.OK)
+TOO_LARGE = Verdict(Kind.ERROR, reason="request_too_large")
 
 
 def error_info(doc: object) -> ErrorInfo | None:
@@ -124,14 +141,42 @@ def classify(
     """Classify one upstream answer. ``consecutive`` counts the credential's previous limits in a row."""
     code = error.code if error else ""
     if status == 429 or code in LIMIT_CODES:
+        if error is not None and error.message and request_too_large(error.message):
+            return TOO_LARGE
         return _limited(code or "rate_limited", headers, error, now, consecutive)
     if status == 401:
-        return Verdict(Kind.UNAUTHORIZED, reason=code or "unauthorized")
+        return _unauthorized(code, error.message if error else "")
     if code in CONTINUATION_CODES:
         return Verdict(Kind.BAD_CONTINUATION, reason=code)
     if status >= 400:
         return Verdict(Kind.ERROR, reason=code or f"http_{status}")
     return OK
+
+
+_PERMISSION = re.compile(r"(?i)insufficient permissions|missing scopes?\b|\bpermission")
+_INVALID = re.compile(r"(?i)incorrect api key|invalid api key|\b(?:deactivated|revoked)\b")
+_TOO_LARGE = re.compile(r"(?i)\brequest too large\b")
+_LIMIT_REQUESTED = re.compile(r"(?i)\blimit:?\s+([\d,]+)\b.{0,80}?\brequested:?\s+([\d,]+)")
+
+
+def _unauthorized(code: str, message: str) -> Verdict:
+    """A 401: whose fault? Permissions are the request's; only an explicit "invalid" condemns the credential."""
+    if code in PERMISSION_CODES or (code not in INVALID_CREDENTIAL_CODES and _PERMISSION.search(message)):
+        return Verdict(Kind.ERROR, reason=code or "insufficient_permissions")
+    if code in INVALID_CREDENTIAL_CODES or _INVALID.search(message):
+        return Verdict(Kind.UNAUTHORIZED, reason=code or "invalid_api_key")
+    return Verdict(Kind.REFUSED, reason=code or "unauthorized")
+
+
+def request_too_large(message: str) -> bool:
+    """Does a limit message say the request alone exceeds the limit ("Limit 30000, Requested 50000")?"""
+    if _TOO_LARGE.search(message):
+        return True
+    match = _LIMIT_REQUESTED.search(message)
+    if match is None:
+        return False
+    limit, requested = (int(group.replace(",", "")) for group in match.groups())
+    return requested > limit
 
 
 def _limited(code: str, headers: Mapping[str, str], error: ErrorInfo | None, now: float, consecutive: int) -> Verdict:

@@ -14,7 +14,8 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import orjson
 from aiohttp import web
@@ -23,11 +24,22 @@ from proxy.accounts.preflight import Accounts
 from proxy.config import Config, Provider
 from proxy.core import headers as hdrs
 from proxy.core.clock import Clock
-from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
+from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
-from proxy.core.replay import Action, ReplayPlan, action_for
+from proxy.core.replay import (
+    NEEDS_RELOGIN,
+    Block,
+    Command,
+    Commit,
+    Disable,
+    Prepare,
+    Refresh,
+    ReplayPlan,
+    Send,
+    stream_event,
+)
 from proxy.core.routing import check_path, find_provider, split_target, upstream_target
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import EventScanner, parse_json, split_first_event
@@ -52,9 +64,19 @@ MAX_PEEK = 256 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 #: Response headers only credproxy sets (an upstream's own are dropped).
 _OURS = frozenset({"x-credproxy-credential", "x-credproxy-attempts"})
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 StreamEventHook = Callable[[Credential, list[bytes]], None]
+
+
+class _Attempt(NamedTuple):
+    """What every attempt of one request sends: method, where, and the client's headers (forwardable ones)."""
+
+    method: str
+    origin: str
+    target: str
+    headers: hdrs.Headers
 
 
 class Forwarder:
@@ -152,90 +174,115 @@ class Forwarder:
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
         body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
-        forwarded = hdrs.to_upstream(items)
+        plan = ReplayPlan(
+            self._pool.order(provider.name, session_id),
+            self._pool.available,
+            body,
+            last_served=self._pool.last_served(provider.name, session_id),
+            account_bound=ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else frozenset(),
+            custody=self.accounts is not None,
+        )
+        del body  # the plan holds it, and lets go of it at the commit
         origin, base_path = self._origins[provider.name]
-        target = upstream_target(base_path, rest, query)
-        plan = ReplayPlan(self._pool, self._pool.order(provider.name, session_id))
-        last_served = self._pool.last_served(provider.name, session_id)
-        retried: set[str] = set()  # credentials already given their one same-credential retry
+        attempt = _Attempt(request.method, origin, upstream_target(base_path, rest, query), hdrs.to_upstream(items))
+        return await self._drive(plan, attempt, provider, session_id, record)
 
-        cred = plan.next(self._clock.time())
-        while cred is not None:
-            if cred.kind == "oauth" and self.accounts is not None:
-                prepared = await self.accounts.prepare(cred)
-                if prepared is None:
-                    cred = plan.next(self._clock.time())
-                    continue
-                cred = prepared
-            record.tried.append(cred.label)
-            headers = forwarded
-            if provider.kind == "codex" and (
-                (last_served is not None and last_served != cred.id) or len(record.tried) > 1
-            ):
-                # The session moved to another account: its sticky-routing token belongs to the old one.
-                headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
-            upstream = await self._send(request.method, origin, target, [*headers, *cred.auth_headers()], body, record)
-            passed = False
-            try:
-                verdict, prefix = await self._inspect(upstream, cred, provider)
-                action = action_for(verdict.kind, cred.kind)
-                stripped = None
-                if action is Action.REPAIR:
-                    stripped = strip_foreign_state(body) if cred.id not in retried else None
-                    if stripped is None:
-                        action = Action.PASS  # nothing to strip (or already did): the client sees the 400
-                if action is Action.PASS:
-                    record.outcome = "served" if upstream.status < 400 else "upstream_status"
-                    if upstream.status < 400:
-                        self._pool.succeeded(cred, session_id)
-                    else:
-                        self._pool.failed(cred, verdict.reason)
-                    passed = True
-                    return upstream, prefix, cred
-            finally:
-                if not passed:
+    async def _drive(
+        self, plan: ReplayPlan, attempt: _Attempt, provider: Provider, session_id: str | None, record: RequestRecord
+    ) -> tuple[UpstreamResponse, bytes, Credential]:
+        """Run the plan: carry out its effects, perform each step and feed the outcome back, until a commit."""
+        accounts = self.accounts
+        upstream: UpstreamResponse | None = None
+        prefix = b""
+        try:
+            commands = plan.start(self._clock.time())
+            while True:
+                *effects, step = commands
+                self._carry_out(effects)
+                if type(step) is Commit:
+                    assert upstream is not None
+                    self._commit(step, upstream.status, session_id, record)
+                    committed, upstream = upstream, None
+                    return committed, prefix, step.cred
+                if upstream is not None:
                     upstream.close()
+                    upstream = None
+                if type(step) is Send:
+                    record.tried.append(step.cred.label)
+                    upstream = await self._send(attempt, step, record)
+                    verdict, prefix = await self._inspect(upstream, step.cred, provider)
+                    commands = plan.answered(verdict, upstream.status, self._clock.time())
+                elif type(step) is Prepare:
+                    assert accounts is not None
+                    commands = plan.prepared(await accounts.prepare(step.cred), self._clock.time())
+                elif type(step) is Refresh:
+                    assert accounts is not None
+                    commands = plan.refreshed(await accounts.refresh_after_401(step.cred), self._clock.time())
+                else:
+                    raise self._pool.unavailable(provider.name)
+        except BaseException:
+            if upstream is not None:
+                upstream.close()
+            self._carry_out(plan.interrupted())
+            raise
 
-            if action is Action.BLOCK:
-                self._pool.block(cred, verdict)
+    def _commit(self, commit: Commit, status: int, session_id: str | None, record: RequestRecord) -> None:
+        cred = commit.cred
+        if commit.spared is not None:
+            log.info(
+                "request %s: %s and %s refused it the same way (%d %s); passing the answer on, condemning neither",
+                record.request_id,
+                commit.spared.label,
+                cred.label,
+                status,
+                commit.verdict.reason,
+            )
+        if status < 400:
+            record.outcome = "served"
+            self._pool.succeeded(cred, session_id)
+        else:
+            record.outcome = "upstream_status"
+            self._pool.failed(cred, commit.verdict.reason)
+
+    def _carry_out(self, effects: Sequence[Command]) -> None:
+        """The plan's effects on the pool, for the request path and late stream events alike."""
+        for effect in effects:
+            if type(effect) is Block:
+                verdict = effect.verdict
+                self._pool.block(effect.cred, verdict)
                 log.info(
-                    "credential %s limited (%s) until %.0f (from %s); trying the next one",
-                    cred.label,
+                    "credential %s limited (%s) until %.0f (from %s)",
+                    effect.cred.label,
                     verdict.reason,
                     verdict.until,
                     verdict.source,
                 )
-            elif action is Action.DISABLE:
-                self._pool.disable(cred, "invalid_api_key")
-                log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
-            elif action is Action.REFRESH and self.accounts is not None and cred.id not in retried:
-                retried.add(cred.id)
-                refreshed = await self.accounts.refresh_after_401(cred)
-                if refreshed is not None:
-                    cred = refreshed
-                    continue  # replay once on the same credential with its new token
-            elif action is Action.REFRESH:
-                self._pool.disable(cred, "needs_relogin")
-                log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
-            elif action is Action.REPAIR and stripped is not None:
-                retried.add(cred.id)
-                log.info(
-                    "request %s: dropped reasoning of another account; replaying on %s", record.request_id, cred.label
-                )
-                body = stripped
-                continue
-            cred = plan.next(self._clock.time())
-        raise self._pool.unavailable(provider.name)
+            elif type(effect) is Disable:
+                self._pool.disable(effect.cred, effect.reason)
+                if effect.reason == NEEDS_RELOGIN:
+                    log.warning(
+                        "credential %s is refused (401) even after a refresh; it needs a re-login", effect.cred.label
+                    )
+                else:
+                    log.warning(
+                        "credential %s was refused (401 %s); disabled until a human fixes it",
+                        effect.cred.label,
+                        effect.verdict.reason,
+                    )
 
-    async def _send(
-        self, method: str, origin: str, target: str, headers: hdrs.Headers, body: bytes, record: RequestRecord
-    ) -> UpstreamResponse:
+    async def _send(self, attempt: _Attempt, send: Send, record: RequestRecord) -> UpstreamResponse:
         """One attempt; a refused connection (the request never left) is tried once more."""
+        headers = attempt.headers
+        if send.drop:
+            headers = [(k, v) for k, v in headers if k.lower() not in send.drop]
+        headers = [*headers, *send.cred.auth_headers()]
         for retry in (False, True):
             record.attempts += 1
             sent = self._clock.monotonic()
             try:
-                upstream = await self.transport.request(method, origin, target, headers, body)
+                upstream = await self.transport.request(
+                    attempt.method, attempt.origin, attempt.target, headers, send.body
+                )
                 record.header_seconds.append(self._clock.monotonic() - sent)
                 return upstream
             except ConnectFailed:
@@ -257,12 +304,11 @@ class Forwarder:
         self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
     ) -> tuple[Verdict, bytes]:
         status = upstream.status
-        now = self._clock.time()
-        consecutive = self._pool.state(cred).consecutive_limits
         if status >= 400:
             body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
             info = error_info(parse_json(body)) if complete and body else None
-            return classify(status, headers, info, now, consecutive), body
+            consecutive = self._pool.state(cred).consecutive_limits
+            return classify(status, headers, info, self._clock.time(), consecutive), body
         if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
             prefix = b""
             while len(prefix) < MAX_PEEK:
@@ -272,12 +318,17 @@ class Forwarder:
                 prefix += chunk
                 first = split_first_event(prefix)
                 if first is not None:
-                    info = error_info(parse_json(first))
-                    if info is not None and info.code in LIMIT_CODES:
-                        return classify(status, headers, info, now, consecutive), prefix
-                    break
+                    return self._event_verdict(first, headers, cred) or OK, prefix
             return OK, prefix
         return OK, b""
+
+    def _event_verdict(self, data: bytes, headers: Mapping[str, str], cred: Credential) -> Verdict | None:
+        """An SSE event that reports a limit failure, classified; ``None`` for any other event."""
+        info = error_info(parse_json(data))
+        if info is None or info.code not in LIMIT_CODES:
+            return None
+        consecutive = self._pool.state(cred).consecutive_limits
+        return classify(200, headers, info, self._clock.time(), consecutive)
 
     async def _relay(
         self,
@@ -356,10 +407,9 @@ class Forwarder:
     def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
         """Late events of a committed stream: a limit error blocks the credential for later requests."""
         for data in events:
-            info = error_info(parse_json(data))
-            if info is not None and info.code in LIMIT_CODES:
-                verdict = classify(200, {}, info, self._clock.time(), self._pool.state(cred).consecutive_limits)
-                self._pool.block(cred, verdict)
+            verdict = self._event_verdict(data, _NO_HEADERS, cred)
+            if verdict is not None:
+                self._carry_out(stream_event(cred, verdict))
         for hook in self.stream_event_hooks:
             hook(cred, events)
 

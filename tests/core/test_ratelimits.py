@@ -318,7 +318,7 @@ def test_quota_and_plan_errors_need_attention_and_block_at_least_a_day(
         (200, ErrorInfo(), Verdict(Kind.OK)),
         (204, None, Verdict(Kind.OK)),
         (302, None, Verdict(Kind.OK)),
-        (401, None, Verdict(Kind.UNAUTHORIZED, reason="unauthorized")),
+        (401, None, Verdict(Kind.REFUSED, reason="unauthorized")),  # a 401 that does not say why (issue 16)
         (401, ErrorInfo(code="invalid_api_key"), Verdict(Kind.UNAUTHORIZED, reason="invalid_api_key")),
         (400, ErrorInfo(code="invalid_encrypted_content"), Verdict(Kind.BAD_CONTINUATION, "invalid_encrypted_content")),
         (
