@@ -15,12 +15,11 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
 
-from proxy.accounts.preflight import Accounts
 from proxy.config import Config, Provider
 from proxy.core import headers as hdrs
 from proxy.core.clock import Clock
@@ -70,6 +69,22 @@ _NO_HEADERS: Mapping[str, str] = {}
 StreamEventHook = Callable[[Credential, list[bytes]], None]
 
 
+class Preflight(Protocol):
+    """What the handler asks of the accounts step (:class:`proxy.accounts.preflight.Accounts`)."""
+
+    async def prepare(self, cred: Credential) -> Credential | None:
+        """``cred`` ready to send with (maybe with new tokens), or ``None`` to skip it now."""
+        ...
+
+    async def refresh_after_401(self, cred: Credential) -> Credential | None:
+        """New tokens to replay with once, or ``None``."""
+        ...
+
+    def observe_headers(self, cred: Credential, headers: Mapping[str, str], block: bool = True) -> None:
+        """Usage windows riding on an answer's headers."""
+        ...
+
+
 class _Attempt(NamedTuple):
     """What every attempt of one request sends: method, where, and the client's headers (forwardable ones)."""
 
@@ -83,7 +98,7 @@ class Forwarder:
     """Holds what every request needs; :meth:`handle` is the aiohttp handler."""
 
     def __init__(
-        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Accounts | None = None
+        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Preflight | None = None
     ) -> None:
         self._limits = config.limits
         self._pool = pool
