@@ -241,3 +241,24 @@ async def test_tokens_that_cannot_be_written_serve_from_memory_and_are_written_l
     [saved] = file_entries(p)
     assert saved["refresh"] == family.refresh
     assert accounts.token_calls == [("acct-a", 1)]
+
+
+async def test_the_file_is_re_read_under_the_lock_before_the_token_endpoint_is_called(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
+) -> None:
+    """Step 3 of custody, directly: another process already refreshed and wrote the file, so the token
+    endpoint gets no call at all. (Counting successful calls is not enough: without the re-read, the
+    old refresh token is refused, the failure path re-reads, and the request still succeeds.)"""
+    entry = accounts.add("acct-a", expires_in=60)
+    p = await proxy({"openai-codex": [entry]})
+    accounts._issue(accounts.families["acct-a"])  # the other process redeemed the refresh token...
+    newer = accounts.entry("acct-a")
+    await asyncio.to_thread(
+        files.update_document, p.credentials_file, lambda doc: bool(doc.update({"openai-codex": [newer]}) or True)
+    )  # ...and wrote its new tokens to the shared file
+    assert (await ask(p))[0] == 200
+    assert [r.path for r in fake.control if r.path.endswith("/oauth/token")] == []
+    assert fake.records[0].token == newer["access"]
+    adopted = p.pool.credentials("openai-codex")[0].refresh
+    assert adopted is not None
+    assert adopted.reveal() == newer["refresh"]
