@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from proxy.config import Provider
 from proxy.core import selection
 from proxy.core.clock import Clock
-from proxy.core.credential_state import Entry, merge
+from proxy.core.credential_state import EMPTY, Entry, merge
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.usage import UsageSnapshot, exhausted_until, highest_percent
@@ -32,32 +32,54 @@ MAX_SESSIONS = 10_000
 
 @dataclass(slots=True)
 class CredentialState:
-    blocked_until: float = 0.0
-    blocked_since: float = 0.0
-    block_reason: str = ""
-    attention: bool = False  # a human must act (billing, plan, re-login)
-    # Why the credential is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled.
-    disabled: str = ""
-    disabled_since: float = 0.0
-    disabled_token: str = ""  # fingerprint of the token the flag was raised for
-    unblocked_at: float = 0.0
-    usage: UsageSnapshot | None = None  # the latest usage windows seen (Codex accounts)
+    """One credential's state in this process: its :class:`Entry` (blocked, disabled, usage: the part that
+    is persisted and shared with other processes, replaced whole on each change) and the counters that
+    stay in this process. The properties read the entry; only the pool changes either."""
+
+    entry: Entry = EMPTY
     consecutive_limits: int = 0
     served: int = 0
     last_error: str = ""
 
-    def entry(self) -> Entry:
-        return Entry(
-            blocked_until=self.blocked_until,
-            blocked_since=self.blocked_since,
-            reason=self.block_reason,
-            attention=self.attention,
-            disabled=self.disabled,
-            disabled_since=self.disabled_since,
-            disabled_token=self.disabled_token,
-            unblocked_at=self.unblocked_at,
-            usage=self.usage,
-        )
+    @property
+    def blocked_until(self) -> float:
+        return self.entry.blocked_until
+
+    @property
+    def blocked_since(self) -> float:
+        return self.entry.blocked_since
+
+    @property
+    def block_reason(self) -> str:
+        return self.entry.reason
+
+    @property
+    def attention(self) -> bool:
+        """A human must act: billing or plan (a flagged block), or a disable (invalid key, re-login)."""
+        return self.entry.attention or bool(self.entry.disabled)
+
+    @property
+    def disabled(self) -> str:
+        """Why it is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled."""
+        return self.entry.disabled
+
+    @property
+    def disabled_since(self) -> float:
+        return self.entry.disabled_since
+
+    @property
+    def disabled_token(self) -> str:
+        """Fingerprint of the token the disable was raised for."""
+        return self.entry.disabled_token
+
+    @property
+    def unblocked_at(self) -> float:
+        return self.entry.unblocked_at
+
+    @property
+    def usage(self) -> UsageSnapshot | None:
+        """The latest usage windows seen (Codex accounts)."""
+        return self.entry.usage
 
 
 Listener = Callable[[Credential, CredentialState], None]
@@ -115,9 +137,9 @@ class Pool:
 
     def _check_disabled_token(self, cred: Credential, state: CredentialState) -> None:
         # A flag raised for an older token (before a re-login or a new key) no longer applies.
-        if state.disabled and state.disabled_token and state.disabled_token != cred.fingerprint:
-            state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
-            state.attention = state.blocked_until > self._clock.time() and state.attention
+        entry = state.entry
+        if entry.disabled and entry.disabled_token and entry.disabled_token != cred.fingerprint:
+            state.entry = replace(entry, disabled="", disabled_since=0.0, disabled_token="")
 
     def providers(self) -> Iterable[Provider]:
         return self._providers.values()
@@ -186,31 +208,31 @@ class Pool:
         return self._sessions.get((provider, session_id))
 
     def available(self, cred: Credential, now: float) -> bool:
-        state = self._state[cred.id]
-        return not state.disabled and state.blocked_until <= now
+        entry = self._state[cred.id].entry
+        return not entry.disabled and entry.blocked_until <= now
 
     # Outcomes --------------------------------------------------------------------------------
 
     def block(self, cred: Credential, verdict: Verdict) -> None:
         """Block ``cred`` until ``verdict.until``; a new block never shortens an existing one."""
         state = self._state[cred.id]
+        entry = state.entry
         now = self._clock.time()
-        if verdict.until > state.blocked_until:
-            if state.blocked_until <= now:
-                state.blocked_since = now
-            state.blocked_until = verdict.until
-            state.block_reason = verdict.reason
-        state.attention = state.attention or verdict.attention
+        if verdict.until > entry.blocked_until:
+            since = now if entry.blocked_until <= now else entry.blocked_since
+            entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=verdict.reason)
+        if verdict.attention and not entry.attention:
+            entry = replace(entry, attention=True)
+        state.entry = entry
         state.consecutive_limits += 1
         state.last_error = verdict.reason
         self._changed(cred, state)
 
     def disable(self, cred: Credential, reason: str) -> None:
         state = self._state[cred.id]
-        state.disabled = reason
-        state.disabled_since = self._clock.time()
-        state.disabled_token = cred.fingerprint
-        state.attention = True
+        state.entry = replace(
+            state.entry, disabled=reason, disabled_since=self._clock.time(), disabled_token=cred.fingerprint
+        )
         state.last_error = reason
         self._changed(cred, state)
 
@@ -219,7 +241,7 @@ class Pool:
         state = self._state[cred.id]
         if state.usage is not None and state.usage.observed_at > snapshot.observed_at:
             return
-        state.usage = snapshot
+        state.entry = state.entry.with_usage(snapshot)
         now = self._clock.time()
         until = exhausted_until(snapshot, now) if block else None
         if until is not None and until > state.blocked_until:
@@ -237,8 +259,9 @@ class Pool:
             self._sessions.move_to_end(key)
             if len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        if state.attention and not state.disabled and state.blocked_until <= self._clock.time():
-            state.attention = False
+        entry = state.entry
+        if entry.attention and not entry.disabled and entry.blocked_until <= self._clock.time():
+            state.entry = replace(entry, attention=False)
             self._changed(cred, state)
 
     def failed(self, cred: Credential, reason: str) -> None:
@@ -248,11 +271,7 @@ class Pool:
     def unblock(self, cred: Credential) -> None:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""
         state = self._state[cred.id]
-        state.unblocked_at = self._clock.time()
-        state.blocked_until = state.blocked_since = 0.0
-        state.block_reason = ""
-        state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
-        state.attention = False
+        state.entry = Entry(unblocked_at=self._clock.time(), usage=state.entry.usage)
         state.consecutive_limits = 0
         self._changed(cred, state)
 
@@ -264,21 +283,17 @@ class Pool:
             return False
         if remote.disabled and remote.disabled_token and remote.disabled_token != cred.fingerprint:
             remote = replace(remote, disabled="", disabled_since=0.0, disabled_token="")
-        before = state.entry()
-        merged = merge(before, remote)
-        if merged == before:
+        merged = merge(state.entry, remote)
+        if merged == state.entry:
             return False
-        state.blocked_until, state.blocked_since = merged.blocked_until, merged.blocked_since
-        state.block_reason, state.attention = merged.reason, merged.attention or bool(merged.disabled)
-        state.disabled, state.disabled_since = merged.disabled, merged.disabled_since
-        state.disabled_token, state.unblocked_at = merged.disabled_token, merged.unblocked_at
-        state.usage = merged.usage
+        state.entry = merged
         return True
 
     def unavailable(self, provider: str) -> NoCredentialAvailable:
         """The error for "nothing can serve ``provider`` now": 429 with a retry time, or 503."""
         creds = self.credentials(provider)
-        waits = [self._state[c.id].blocked_until for c in creds if not self._state[c.id].disabled]
+        entries = [self._state[c.id].entry for c in creds]
+        waits = [e.blocked_until for e in entries if not e.disabled]
         if not creds:
             return NoCredentialAvailable(provider, None, f"no credentials are configured for provider {provider!r}")
         if not waits:

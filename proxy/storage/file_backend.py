@@ -161,7 +161,7 @@ class FileSync:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
-        ours = {cid: self._pool.state(cred).entry() for cid in dirty if (cred := self._pool.by_id(cid)) is not None}
+        ours = {cid: self._pool.state(cred).entry for cid in dirty if (cred := self._pool.by_id(cid)) is not None}
         now = self._clock.time()
 
         def change(doc: dict[str, Any]) -> bool:

@@ -226,7 +226,7 @@ class RedisState:
         changed = {}
         for n, cred in enumerate(creds):
             theirs = decode_entry(stored[2 * n], stored[2 * n + 1], now)
-            merged = expire(merge(theirs, self._pool.state(cred).entry()), now)
+            merged = expire(merge(theirs, self._pool.state(cred).entry), now)
             if merged != theirs:
                 changed[cred.id] = merged
         return changed

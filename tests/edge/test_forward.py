@@ -228,8 +228,12 @@ def _stream(events: list[dict[str, Any]]) -> Reply:
 
 
 async def test_a_limit_in_the_first_event_is_replayed_and_a_late_one_blocks_for_later_requests() -> None:
-    failed = {"type": "response.failed", "response": {"error": LIMIT["error"]}}
-    late = [{"type": "response.created"}, {"type": "response.output_text.delta", "delta": "x"}, failed]
+    failed: dict[str, Any] = {"type": "response.failed", "response": {"error": LIMIT["error"]}}
+    late: list[dict[str, Any]] = [
+        {"type": "response.created"},
+        {"type": "response.output_text.delta", "delta": "x"},
+        failed,
+    ]
 
     def answer(sent: Sent) -> Reply:
         return _stream([failed]) if sent.header("authorization") == f"Bearer {ORDER[0]}" else _stream(late)
