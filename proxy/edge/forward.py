@@ -1,11 +1,11 @@
 """The request handler: route, buffer, pick a credential, send, classify, replay or relay.
 
-The handler drives a :class:`~proxy.core.replay.ReplayPlan`, which makes every decision (which
-credential next, what an answer means, what to block or disable): :meth:`Forwarder._drive` performs
-its steps (prepare, send and classify, refresh) and its effects on the pool, and feeds the outcome
-back; late events of a committed stream go through the same effects. Nothing reaches the client
-until the plan commits an answer; error bodies (status >= 400) are read, bounded, before deciding, and a
-200 SSE stream is held until its first event has been checked. From then on the response streams
+The handler drives a :class:`~proxy.core.replay.ReplayPlan`, which makes every replay decision
+(which credential next, what to do about each classified answer, what to block or disable):
+:meth:`Forwarder._drive` performs its steps (prepare, send and classify, refresh) and its effects on
+the pool, and feeds the outcomes back; late events of a committed stream go through the same effects.
+Nothing reaches the client until the plan commits an answer; error bodies (status >= 400) are read,
+bounded, before deciding, and a 200 SSE stream is held until its first event has been checked. From then on the response streams
 chunk by chunk as it arrives, and a failure upstream aborts the client connection so that a broken
 stream can never look complete. Every upstream response is closed in ``finally``.
 """
