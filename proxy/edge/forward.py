@@ -5,9 +5,10 @@ The handler drives a :class:`~proxy.core.replay.ReplayPlan`, which makes every r
 :meth:`Forwarder._drive` performs its steps (prepare, send and classify, refresh) and its effects on
 the pool, and feeds the outcomes back; late events of a committed stream go through the same effects.
 Nothing reaches the client until the plan commits an answer; error bodies (status >= 400) are read,
-bounded, before deciding, and a 200 SSE stream is held until its first event has been checked. From then on the response streams
-chunk by chunk as it arrives, and a failure upstream aborts the client connection so that a broken
-stream can never look complete. Every upstream response is closed in ``finally``.
+bounded, before deciding, and a 200 SSE stream is held until its first event has been checked.
+From then on the response streams chunk by chunk as it arrives, and a failure upstream aborts the
+client connection so that a broken stream can never look complete. Every upstream response is
+closed in ``finally``.
 """
 
 from __future__ import annotations
