@@ -155,8 +155,7 @@ def classify(
 
 _PERMISSION = re.compile(r"(?i)insufficient permissions|missing scopes?\b|\bpermission")
 _INVALID = re.compile(r"(?i)incorrect api key|invalid api key|\b(?:deactivated|revoked)\b")
-_TOO_LARGE = re.compile(r"(?i)\brequest too large\b")
-_LIMIT_REQUESTED = re.compile(r"(?i)\blimit:?\s+([\d,]+)\b.{0,80}?\brequested:?\s+([\d,]+)")
+_NUMBER = re.compile(r":?\s*(\d[\d,]*)")
 
 
 def _unauthorized(code: str, message: str) -> Verdict:
@@ -169,14 +168,19 @@ def _unauthorized(code: str, message: str) -> Verdict:
 
 
 def request_too_large(message: str) -> bool:
-    """Does a limit message say the request alone exceeds the limit ("Limit 30000, Requested 50000")?"""
-    if _TOO_LARGE.search(message):
-        return True
-    match = _LIMIT_REQUESTED.search(message)
-    if match is None:
-        return False
-    limit, requested = (int(group.replace(",", "")) for group in match.groups())
-    return requested > limit
+    """Does a limit message say the request alone exceeds the limit? The numbers decide when there are
+    some ("Limit 30000, Requested 50000"), else the words "Request too large".
+
+    Plain ``find`` (of the words without their first letter, whatever its case) rather than a regex
+    search over the whole message: this runs on every rate-limit answer."""
+    at = message.find("equested")
+    limit_at = message.rfind("imit", 0, at) if at >= 0 else -1
+    if limit_at >= 0:
+        limit = _NUMBER.match(message, limit_at + 4)
+        requested = _NUMBER.match(message, at + 8)
+        if limit is not None and requested is not None:
+            return int(requested.group(1).replace(",", "")) > int(limit.group(1).replace(",", ""))
+    return "equest too large" in message
 
 
 def _limited(code: str, headers: Mapping[str, str], error: ErrorInfo | None, now: float, consecutive: int) -> Verdict:

@@ -71,6 +71,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from proxy.core.continuation import strip_foreign_state
 from proxy.core.credentials import Credential
@@ -111,62 +112,103 @@ def action_for(kind: Kind, credential_kind: str) -> Action:
 
 
 # Commands ------------------------------------------------------------------------------------
+#
+# Named tuples rather than frozen dataclasses (as Verdict is): just as immutable, and built several
+# times faster, which matters because every request makes a Send and a Commit. _Strict makes equality
+# compare the type as well, so that Prepare(cred) is not Refresh(cred).
 
 
-@dataclass(frozen=True, slots=True)
-class Prepare:
-    """Get ``cred`` ready (refresh a token about to expire, learn its usage); answer with ``prepared``."""
+class _Strict:
+    __slots__ = ()
 
+    # super() is the named tuple's tuple, next in the method resolution order of each command.
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and super().__eq__(other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return super().__hash__()
+
+
+class _Prepare(NamedTuple):
     cred: Credential
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send the request with ``cred``, without the headers named in ``drop`` (lower case), with ``body``;
-    answer with ``answered``."""
+class Prepare(_Strict, _Prepare):
+    """Get ``cred`` ready (refresh a token about to expire, learn its usage); answer with ``prepared``."""
 
+    __slots__ = ()
+
+
+class _Send(NamedTuple):
     cred: Credential
     drop: frozenset[str]
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Refresh:
-    """Get new tokens for ``cred`` after a 401; answer with ``refreshed``."""
+class Send(_Strict, _Send):
+    """Send the request with ``cred``, without the headers named in ``drop`` (lower case), with ``body``;
+    answer with ``answered``."""
 
+    __slots__ = ()
+
+
+class _Refresh(NamedTuple):
     cred: Credential
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Block ``cred`` until ``verdict.until`` (an effect: the plan goes on)."""
+class Refresh(_Strict, _Refresh):
+    """Get new tokens for ``cred`` after a 401; answer with ``refreshed``."""
 
+    __slots__ = ()
+
+
+class _Block(NamedTuple):
     cred: Credential
     verdict: Verdict
 
 
-@dataclass(frozen=True, slots=True)
-class Disable:
-    """Take ``cred`` out of rotation until a human acts (an effect: the plan goes on)."""
+class Block(_Strict, _Block):
+    """Block ``cred`` until ``verdict.until`` (an effect: the plan goes on)."""
 
+    __slots__ = ()
+
+
+class _Disable(NamedTuple):
     cred: Credential
     reason: str
     verdict: Verdict
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Pass the last answer (from ``cred``) to the client; the plan is over. ``spared``: a credential
-    whose refusal was held and then dropped because this one refused the request the same way."""
+class Disable(_Strict, _Disable):
+    """Take ``cred`` out of rotation until a human acts (an effect: the plan goes on)."""
 
+    __slots__ = ()
+
+
+class _Commit(NamedTuple):
     cred: Credential
     verdict: Verdict
     spared: Credential | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Exhausted:
+class Commit(_Strict, _Commit):
+    """Pass the last answer (from ``cred``) to the client; the plan is over. ``spared``: a credential
+    whose refusal was held and then dropped because this one refused the request the same way."""
+
+    __slots__ = ()
+
+
+class _Exhausted(NamedTuple):
+    pass
+
+
+class Exhausted(_Strict, _Exhausted):
     """Nothing more to try: the pool's answer (429 with a retry time, or 503) goes to the client."""
+
+    __slots__ = ()
 
 
 Effect = Block | Disable
@@ -179,6 +221,9 @@ Available = Callable[[Credential, float], bool]
 
 EXHAUSTED = Exhausted()
 _KEEP: frozenset[str] = frozenset()
+#: ``_new(Send, (cred, drop, body))`` is ``Send(cred, drop, body)`` without the Python-level ``__new__``
+#: of a named tuple: the request path makes one Send and one Commit per request.
+_new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +256,6 @@ class ReplayPlan:
         order: Iterable[Credential],
         available: Available,
         body: bytes,
-        *,
         last_served: str | None = None,
         account_bound: frozenset[str] = _KEEP,
         custody: bool = False,
@@ -227,7 +271,7 @@ class ReplayPlan:
         self._custody = custody
         self._cred: Credential | None = None
         self._sent_to: str | None = None  # the credential the request was first sent with
-        self._retried: set[str] = set()  # credentials already given their one same-credential replay
+        self._retried: set[str] | None = None  # credentials already given their one same-credential replay
         self._held: _Held | None = None
 
     # Events --------------------------------------------------------------------------------
@@ -253,19 +297,28 @@ class ReplayPlan:
         """The upstream answered the last :class:`Send` with ``status``, classified as ``verdict``."""
         cred = self._cred
         assert cred is not None, "answered() before a Send"
-        action = ACTIONS[(verdict.kind, cred.kind)]
+        kind = verdict.kind
+        if kind is Kind.OK and self._held is None:
+            # The usual answer (ACTIONS says PASS for every credential): the commit, made at the least cost.
+            self._body = b""
+            self._cred = None
+            return (_new(Commit, (cred, verdict, None)),)
+        action = ACTIONS[(kind, cred.kind)]
+        retried = self._retried
+        if retried is None:
+            retried = self._retried = set()
         if action is Action.REPAIR:
-            stripped = strip_foreign_state(self._body) if cred.id not in self._retried else None
+            stripped = strip_foreign_state(self._body) if cred.id not in retried else None
             if stripped is None:
                 action = Action.PASS  # nothing to strip (or already did): the client sees the 400
             else:
-                self._retried.add(cred.id)
+                retried.add(cred.id)
                 self._body = stripped
                 return (self._send(cred),)
         condemn = ""
         if action is Action.REFRESH:
-            if self._custody and cred.id not in self._retried:
-                self._retried.add(cred.id)
+            if self._custody and cred.id not in retried:
+                retried.add(cred.id)
                 return (Refresh(cred),)
             condemn = NEEDS_RELOGIN
         elif action is Action.DISABLE:
@@ -275,11 +328,11 @@ class ReplayPlan:
         if action is Action.BLOCK:
             return self._next(now, (*self._release(), Block(cred, verdict)))
         # A refusal (DISABLE, SKIP, or a second 401): held until the next credential answers (rule 4).
-        signature = (status, verdict.kind, verdict.reason)
+        signature = (status, kind, verdict.reason)
         held = self._held
         if held is not None and held.signature == signature:
             self._held = None
-            return (self._commit(cred, verdict, spared=held.cred),)
+            return (self._commit(cred, verdict, held.cred),)
         released = self._release()
         self._held = _Held(signature, cred, Disable(cred, condemn, verdict) if condemn else None)
         return self._next(now, released)
@@ -292,8 +345,9 @@ class ReplayPlan:
 
     def _next(self, now: float, effects: Commands) -> Commands:
         """Effects, then the step for the next credential of the order that may serve now (rule 1)."""
+        available = self._available
         for cred in self._order:
-            if self._available(cred, now):
+            if available(cred, now):
                 self._cred = cred
                 if self._custody and cred.kind == "oauth":
                     return (*effects, Prepare(cred))
@@ -303,11 +357,15 @@ class ReplayPlan:
 
     def _send(self, cred: Credential) -> Send:
         """Rule 3: drop account-bound headers when the session moved to ``cred``."""
-        first = self._sent_to
-        if first is None:
-            self._sent_to = first = cred.id
-        moved = (self._last_served is not None and self._last_served != cred.id) or first != cred.id
-        return Send(cred, self._account_bound if moved else _KEEP, self._body)
+        bound = self._account_bound
+        if bound:
+            first = self._sent_to
+            if first is None:
+                self._sent_to = first = cred.id
+            last = self._last_served
+            if (last is not None and last != cred.id) or first != cred.id:
+                return _new(Send, (cred, bound, self._body))
+        return _new(Send, (cred, _KEEP, self._body))
 
     def _release(self) -> Commands:
         """Carry out a held refusal: an answer that differs (or none at all) says it was the credential."""

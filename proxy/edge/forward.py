@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import orjson
 from aiohttp import web
@@ -30,7 +30,7 @@ from proxy.core.clock import Clock
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
+from proxy.core.ratelimits import LIMIT_CODES, OK, ErrorInfo, Kind, Verdict, classify, error_info
 from proxy.core.replay import (
     NEEDS_RELOGIN,
     Block,
@@ -68,6 +68,7 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 #: Response headers only credproxy sets (an upstream's own are dropped).
 _OURS = frozenset({"x-credproxy-credential", "x-credproxy-attempts"})
 _NO_HEADERS: Mapping[str, str] = {}
+_NOTHING_BOUND: frozenset[str] = frozenset()
 
 
 StreamEventHook = Callable[[Credential, list[bytes]], None]
@@ -87,15 +88,6 @@ class Preflight(Protocol):
     def observe_headers(self, cred: Credential, headers: Mapping[str, str], block: bool = True) -> None:
         """Usage windows riding on an answer's headers."""
         ...
-
-
-class _Attempt(NamedTuple):
-    """What every attempt of one request sends: method, where, and the client's headers (forwardable ones)."""
-
-    method: str
-    origin: str
-    target: str
-    headers: hdrs.Headers
 
 
 class Forwarder:
@@ -198,16 +190,26 @@ class Forwarder:
             self._pool.available,
             body,
             last_served=self._pool.last_served(provider.name, session_id),
-            account_bound=ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else frozenset(),
+            account_bound=ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else _NOTHING_BOUND,
             custody=self.accounts is not None,
         )
         del body  # the plan holds it, and lets go of it at the commit
         origin, base_path = self._origins[provider.name]
-        attempt = _Attempt(request.method, origin, upstream_target(base_path, rest, query), hdrs.to_upstream(items))
-        return await self._drive(plan, attempt, provider, session_id, record)
+        target = upstream_target(base_path, rest, query)
+        return await self._drive(
+            plan, request.method, origin, target, hdrs.to_upstream(items), provider, session_id, record
+        )
 
     async def _drive(
-        self, plan: ReplayPlan, attempt: _Attempt, provider: Provider, session_id: str | None, record: RequestRecord
+        self,
+        plan: ReplayPlan,
+        method: str,
+        origin: str,
+        target: str,
+        forwarded: hdrs.Headers,
+        provider: Provider,
+        session_id: str | None,
+        record: RequestRecord,
     ) -> tuple[UpstreamResponse, bytes, Credential]:
         """Run the plan: carry out its effects, perform each step and feed the outcome back, until a commit."""
         accounts = self.accounts
@@ -216,8 +218,9 @@ class Forwarder:
         try:
             commands = plan.start(self._clock.time())
             while True:
-                *effects, step = commands
-                self._carry_out(effects)
+                step = commands[-1]  # the effects come first: carry them out before the step
+                if len(commands) > 1:
+                    self._carry_out(commands[:-1])
                 if type(step) is Commit:
                     assert upstream is not None
                     self._commit(step, upstream.status, session_id, record)
@@ -228,7 +231,7 @@ class Forwarder:
                     upstream = None
                 if type(step) is Send:
                     record.tried.append(step.cred.label)
-                    upstream = await self._send(attempt, step, record)
+                    upstream = await self._send(method, origin, target, forwarded, step, record)
                     verdict, prefix = await self._inspect(upstream, step.cred, provider)
                     commands = plan.answered(verdict, upstream.status, self._clock.time())
                 elif type(step) is Prepare:
@@ -289,19 +292,19 @@ class Forwarder:
                         effect.verdict.reason,
                     )
 
-    async def _send(self, attempt: _Attempt, send: Send, record: RequestRecord) -> UpstreamResponse:
+    async def _send(
+        self, method: str, origin: str, target: str, forwarded: hdrs.Headers, send: Send, record: RequestRecord
+    ) -> UpstreamResponse:
         """One attempt; a refused connection (the request never left) is tried once more."""
-        headers = attempt.headers
-        if send.drop:
-            headers = [(k, v) for k, v in headers if k.lower() not in send.drop]
-        headers = [*headers, *send.cred.auth_headers()]
+        drop = send.drop
+        if drop:
+            forwarded = [(k, v) for k, v in forwarded if k.lower() not in drop]
+        headers = [*forwarded, *send.cred.auth_headers()]
         for retry in (False, True):
             record.attempts += 1
             sent = self._clock.monotonic()
             try:
-                upstream = await self.transport.request(
-                    attempt.method, attempt.origin, attempt.target, headers, send.body
-                )
+                upstream = await self.transport.request(method, origin, target, headers, send.body)
                 record.header_seconds.append(self._clock.monotonic() - sent)
                 return upstream
             except ConnectFailed:
@@ -337,15 +340,15 @@ class Forwarder:
                 prefix += chunk
                 first = split_first_event(prefix)
                 if first is not None:
-                    return self._event_verdict(first, headers, cred) or OK, prefix
+                    info = error_info(parse_json(first))
+                    if info is not None and info.code in LIMIT_CODES:
+                        return self._limit_verdict(info, headers, cred), prefix
+                    break
             return OK, prefix
         return OK, b""
 
-    def _event_verdict(self, data: bytes, headers: Mapping[str, str], cred: Credential) -> Verdict | None:
-        """An SSE event that reports a limit failure, classified; ``None`` for any other event."""
-        info = error_info(parse_json(data))
-        if info is None or info.code not in LIMIT_CODES:
-            return None
+    def _limit_verdict(self, info: ErrorInfo, headers: Mapping[str, str], cred: Credential) -> Verdict:
+        """The verdict on an SSE event that reports a limit failure (the first event, or a late one)."""
         consecutive = self._pool.state(cred).consecutive_limits
         return classify(200, headers, info, self._clock.time(), consecutive)
 
@@ -426,9 +429,9 @@ class Forwarder:
     def _stream_events(self, cred: Credential, events: list[bytes]) -> None:
         """Late events of a committed stream: a limit error blocks the credential for later requests."""
         for data in events:
-            verdict = self._event_verdict(data, _NO_HEADERS, cred)
-            if verdict is not None:
-                self._carry_out(stream_event(cred, verdict))
+            info = error_info(parse_json(data))
+            if info is not None and info.code in LIMIT_CODES:
+                self._carry_out(stream_event(cred, self._limit_verdict(info, _NO_HEADERS, cred)))
         for hook in self.stream_event_hooks:
             hook(cred, events)
 
