@@ -474,3 +474,12 @@ def test_actions_are_the_documented_values() -> None:
     assert ACTIONS[(Kind.REFUSED, "api_key")] is Action.SKIP
     assert ACTIONS[(Kind.UNAUTHORIZED, "api_key")] is Action.DISABLE
     assert ACTIONS[(Kind.REFUSED, "oauth")] is Action.REFRESH
+
+
+def test_commands_are_equal_only_to_commands_of_their_own_kind() -> None:
+    """The tables above compare commands: Prepare(x) must not pass for Refresh(x), nor a tuple for a command."""
+    assert Prepare(X) == Prepare(X)
+    assert Prepare(X) != Refresh(X)
+    assert Block(A, LIMITED) != (A, LIMITED)
+    assert EXHAUSTED != ()
+    assert {Prepare(X), Refresh(X), Prepare(X)} == {Prepare(X), Refresh(X)}
