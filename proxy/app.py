@@ -25,6 +25,7 @@ from proxy.core.credentials import Credential
 from proxy.core.guard import Guard
 from proxy.core.headers import Headers
 from proxy.core.pool import Pool
+from proxy.core.secret import KnownSecrets
 from proxy.edge.fast_transport import FastTransport
 from proxy.edge.forward import Forwarder
 from proxy.edge.server import ProxyRunner
@@ -77,7 +78,7 @@ def make_app(
     )
     if credentials is None:
         check_private(config.credentials_file, "credentials file")
-        credentials = load_credentials(config.credentials_file, [p.name for p in config.providers])
+        credentials = load_credentials(config.credentials_file, [p.name for p in config.providers], config.kinds)
     pool = Pool(config.providers, credentials, clock)
     control = ControlSession()
     custodian = Custodian(pool, clock, config.credentials_file, control.get)
@@ -101,6 +102,7 @@ def make_app(
     app[GUARD] = guard
     app[METRICS] = metrics
     app[STATE] = backend
+    forwarder.secrets = known_secrets(app)
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
@@ -151,13 +153,24 @@ class _NotStarted:
         return None
 
 
-def known_secrets(app: web.Application) -> Callable[[], list[str]]:
-    """Every secret value the process holds, for the log redaction filter: the credentials' tokens (as
-    they rotate), the client tokens and the Redis password."""
+def known_secrets(app: web.Application) -> Callable[[], KnownSecrets]:
+    """Every secret value the process holds, for the log redaction filter and the masking of relayed
+    answers: the credentials' tokens (as they rotate), the client tokens and the Redis password. The
+    same tuple until the pool's tokens change (this runs for every response)."""
     pool, guard = app[POOL], app[GUARD]
     password = URL(app[CONFIG].state.url).password if app[CONFIG].state.url else None
-    fixed = [password] if password else []
-    return lambda: [*pool.secrets(), *guard.secrets(), *fixed]
+    fixed = (*guard.secrets(), *([password] if password else []))
+    made: list[tuple[tuple[str, ...], KnownSecrets]] = [((), KnownSecrets(fixed))]  # the pool's tuple, ours
+
+    def known() -> KnownSecrets:
+        tokens, secrets = made[0]
+        if tokens is not pool.secrets():
+            tokens = pool.secrets()
+            secrets = KnownSecrets((*tokens, *fixed))
+            made[0] = (tokens, secrets)
+        return secrets
+
+    return known
 
 
 #: Connections the kernel may hold for accepting (capped by net.core.somaxconn). aiohttp's default, 128,

@@ -33,7 +33,8 @@ ADMIN_PREFIX = "/_credproxy"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _SELECTORS = ("hashed", "rendezvous")
-_KINDS = ("openai", "codex")
+_KINDS = ("openai", "codex", "anthropic")
+ANTHROPIC_HOST = "api.anthropic.com"
 _PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
 #: Upstream transports (``proxy.edge.fast_transport`` and ``proxy.edge.transport``); the first is the default.
 TRANSPORTS = ("fast", "aiohttp")
@@ -128,6 +129,11 @@ class Config:
     state: State = field(default_factory=State)
     transport: str = TRANSPORTS[0]
     server: str = SERVERS[0]
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Provider name -> kind (what the credentials file's entries are checked against)."""
+        return {p.name: p.kind for p in self.providers}
 
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
@@ -321,8 +327,7 @@ def _provider(section: Section, name: str) -> Provider:
         raise section.fail("upstream", 'is required (for example "https://api.openai.com/v1")')
     mount = _mount(section, section.get("mount", str, "", "a string"))
     upstream = _upstream(section, section.get("upstream", str, "", "a string"))
-    default_kind = "codex" if name == "openai-codex" or "/backend-api" in upstream.path else "openai"
-    kind = section.choice("kind", default_kind, _KINDS)
+    kind = section.choice("kind", default_kind(name, upstream), _KINDS)
     token_url = section.get("token_url", str, "", "a URL string")
     usage_url = section.get("usage_url", str, "", "a URL string")
     soft = section.get("soft_limit_percent", (int, float, type(None)), None, "a number or null")
@@ -340,6 +345,16 @@ def _provider(section: Section, name: str) -> Provider:
         usage_url=_url(section, "usage_url", usage_url) if usage_url else default_usage_url(upstream, kind),
         soft_limit_percent=float(soft) if soft is not None else None,
     )
+
+
+def default_kind(name: str, upstream: URL) -> str:
+    """``codex`` for ``openai-codex`` or a ``/backend-api`` upstream, ``anthropic`` for ``anthropic`` or an
+    upstream on api.anthropic.com, else ``openai``."""
+    if name == "openai-codex" or "/backend-api" in upstream.path:
+        return "codex"
+    if name == "anthropic" or upstream.host == ANTHROPIC_HOST:
+        return "anthropic"
+    return "openai"
 
 
 def default_usage_url(upstream: URL, kind: str) -> URL | None:

@@ -158,6 +158,12 @@ def test_an_absolute_credentials_file_is_used_as_it_is(tmp_path: Path) -> None:
             None,
         ),
         ("mine", {**OPENAI, "kind": "codex"}, "codex", "https://api.openai.com/v1/api/codex/usage"),
+        # Anthropic: by name, or by an upstream on api.anthropic.com; no usage endpoint (the headers tell).
+        ("anthropic", {"mount": "/anthropic", "upstream": "https://api.anthropic.com"}, "anthropic", None),
+        ("anthropic", {"mount": "/anthropic", "upstream": "http://127.0.0.1:8080"}, "anthropic", None),
+        ("claude", {"mount": "/claude", "upstream": "https://api.anthropic.com"}, "anthropic", None),
+        ("claude", {"mount": "/claude", "upstream": "http://127.0.0.1:8080", "kind": "anthropic"}, "anthropic", None),
+        ("anthropic", {"mount": "/a", "upstream": "https://gateway.example/v1", "kind": "openai"}, "openai", None),
     ],
 )
 def test_kind_and_usage_url_defaults(
@@ -228,7 +234,7 @@ def test_upstreams_that_are_allowed(tmp_path: Path, upstream: str) -> None:
         ({**provider(), "logging": {"level": "trace"}}, "logging.level", "must be one of debug, info, warning, error"),
         ({**provider(), "logging": {"format": "xml"}}, "logging.format", "must be one of text, json"),
         (provider(selector="random"), "providers.openai.selector", "must be one of hashed, rendezvous"),
-        (provider(kind="anthropic"), "providers.openai.kind", "must be one of openai, codex"),
+        (provider(kind="claude"), "providers.openai.kind", "must be one of openai, codex, anthropic"),
         (provider(soft_limit_percent=0), "providers.openai.soft_limit_percent", "must be between 1 and 100"),
         (provider(soft_limit_percent=100.5), "providers.openai.soft_limit_percent", "must be between 1 and 100"),
         # Upstream URLs.

@@ -5,22 +5,42 @@ file's lock and written atomically: an OAuth account already there (same ``accou
 with the source's tokens, an API key already there is left as it is, anything else is appended.
 
 Refresh tokens are single-use: once credproxy refreshes an imported account, the copy in the
-source file is dead. The command says so; the user should let credproxy own the account (and log
-the other tool in again if it must keep working on its own).
+source file is dead. The command says so when it imported an OAuth account (an API key stays valid
+in both places); the user should let credproxy own the account (and log the other tool in again if
+it must keep working on its own).
+
+Every imported credential gets a label: an account its e-mail address (or ``codex-<account id>``), a
+Codex CLI's ``OPENAI_API_KEY`` ``codex-api-key``, so status and logs do not name it ``openai#4``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.core import oauth
+from proxy.core import anthropic, oauth
 from proxy.errors import ConfigError
 from proxy.storage import files
 
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._@+#:-]")
+CODEX_KEY_LABEL = "codex-api-key"
+_NOT_POOLED = "(a Claude subscription login: not pooled, see README)"
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What happened to one credential of the source: ``added``, ``updated``, ``unchanged`` or ``skipped``."""
+
+    result: str
+    provider: str
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.result}: {self.provider} {self.kind} {self.name}"
 
 
 def codex_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -44,7 +64,7 @@ def codex_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]
         yield "openai-codex", entry
     key = doc.get("OPENAI_API_KEY")
     if isinstance(key, str) and key:
-        yield "openai", {"type": "api_key", "key": key}
+        yield "openai", {"type": "api_key", "label": CODEX_KEY_LABEL, "key": key}
     if not (isinstance(tokens, dict) and tokens.get("refresh_token")) and not key:
         raise ConfigError(path, "tokens", "no ChatGPT tokens and no OPENAI_API_KEY: log in with `codex login` first")
 
@@ -59,21 +79,30 @@ def pi_entries(doc: object, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield provider, dict(item)
 
 
+def _subscription(provider: str, entry: dict[str, Any], kinds: Mapping[str, str]) -> bool:
+    """True for a Claude subscription login filed under a provider of kind ``anthropic``."""
+    kind = kinds.get(provider, "anthropic" if provider == "anthropic" else "")
+    return kind == "anthropic" and anthropic.subscription_problem(entry) is not None
+
+
 def _label(text: str) -> str:
     label = _LABEL_CHARS.sub("-", text).strip("-.")[:64]
     return label if label and label[0].isalnum() else f"account-{label}"[:64]
 
 
 def merge_entry(doc: dict[str, Any], provider: str, new: dict[str, Any]) -> str:
-    """Add or update ``new`` in ``doc``; returns ``"added"``, ``"updated"`` or ``"unchanged"``."""
+    """Add or update ``new`` in ``doc``; returns ``"added"``, ``"updated"`` or ``"unchanged"``. ``new``'s label
+    becomes the one the file holds it under (an existing entry's, or a new one when its own is taken)."""
     value = doc.get(provider)
     existing: list[Any] = value if isinstance(value, list) else ([value] if isinstance(value, dict) else [])
     for entry in existing:
         if not isinstance(entry, dict) or entry.get("type") != new.get("type"):
             continue
         if new["type"] == "api_key" and entry.get("key") == new.get("key"):
+            _same_label(new, entry)
             return "unchanged"
         if new["type"] == "oauth" and new.get("accountId") and entry.get("accountId") == new.get("accountId"):
+            _same_label(new, entry)
             before = dict(entry)
             for field in ("access", "refresh", "expires"):
                 if field in new:
@@ -91,8 +120,37 @@ def merge_entry(doc: dict[str, Any], provider: str, new: dict[str, Any]) -> str:
     return "added"
 
 
-def import_accounts(source: Path, kind: str, credentials_file: Path, providers: list[str] | None = None) -> list[str]:
+def _same_label(new: dict[str, Any], entry: dict[str, Any]) -> None:
+    if entry.get("label"):
+        new["label"] = entry["label"]
+    else:
+        new.pop("label", None)
+
+
+def import_accounts(
+    source: Path,
+    kind: str,
+    credentials_file: Path,
+    providers: list[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+) -> list[str]:
     """Merge the accounts of ``source`` into ``credentials_file``; returns one line per credential."""
+    return [str(item) for item in import_report(source, kind, credentials_file, providers, kinds)]
+
+
+def import_report(
+    source: Path,
+    kind: str,
+    credentials_file: Path,
+    providers: list[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+) -> list[Imported]:
+    """Merge the accounts of ``source`` into ``credentials_file``; returns what happened to each.
+
+    A Claude subscription login (pi keeps one under ``anthropic``) is ``skipped``: an ``anthropic``
+    provider refuses it (see :func:`proxy.core.anthropic.subscription_problem`). ``kinds`` names the
+    providers' kinds (a provider named ``anthropic`` is one unless it says otherwise).
+    """
     try:
         raw = source.read_bytes()
     except OSError as exc:
@@ -101,19 +159,23 @@ def import_accounts(source: Path, kind: str, credentials_file: Path, providers: 
     found = list(codex_entries(parsed, source) if kind == "codex" else pi_entries(parsed, source))
     if providers is not None:
         found = [(p, e) for p, e in found if p in providers]
+    refused = [(p, e) for p, e in found if _subscription(p, e, kinds or {})]
+    skipped = [Imported("skipped", p, e["type"], _NOT_POOLED) for p, e in refused]
+    found = [pair for pair in found if pair not in refused]
     if not found:
-        raise ConfigError(source, "", "no credentials credproxy can use were found in it")
-    lines: list[str] = []
+        raise ConfigError(
+            source, "", "; ".join(["no credentials credproxy can use were found in it", *map(str, skipped)])
+        )
+    report: list[Imported] = []
 
     def change(doc: dict[str, Any]) -> bool:
-        lines.clear()
-        results = []
+        report[:] = skipped
         for provider, entry in found:
-            result = merge_entry(doc, provider, dict(entry))
-            results.append(result)
-            name = entry.get("label") or entry.get("accountId") or entry["type"]
-            lines.append(f"{result}: {provider} {entry['type']} {name}")
-        return any(r != "unchanged" for r in results)
+            merged = dict(entry)
+            result = merge_entry(doc, provider, merged)
+            name = merged.get("label") or merged.get("accountId") or merged["type"]
+            report.append(Imported(result, provider, entry["type"], name))
+        return any(item.result not in ("unchanged", "skipped") for item in report)
 
     files.update_document(credentials_file, change, missing_ok=True)
-    return lines
+    return report

@@ -90,7 +90,7 @@ class Accounts:
             return
         self._usage_checked[cred.id] = self._clock.time()
         headers = {
-            **dict(cred.auth_headers()),  # the one place that says how a credential presents itself
+            **dict(cred.auth_headers(provider.kind)),  # the one place that says how a credential presents itself
             "openai-beta": "responses=experimental",
             "originator": "codex_cli_rs",
             "Accept": "application/json",

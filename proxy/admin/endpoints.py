@@ -93,7 +93,7 @@ class Admin:
             return _error(404, f"no credential labelled {label!r}")
         self._pool.unblock(cred)
         log.info("credential %s unblocked by an admin request", cred.label)
-        return _json(200, credential_doc(cred, self._pool.state(cred), self._clock.time()))
+        return _json(200, credential_doc(cred, self._pool.state(cred), self._clock.time(), self._pool.secrets()))
 
 
 def _json(status: int, doc: object) -> web.Response:

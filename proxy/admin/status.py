@@ -2,7 +2,9 @@
 
 These documents are what ``GET /_credproxy/status`` and ``GET /_credproxy/which`` answer and what
 ``credproxy status`` / ``credproxy which`` print. They name credentials by label and never hold a
-token, a refresh token or an account id. Pure: the pool and ``now`` in, dictionaries out.
+token, a refresh token or an account id. Reasons and last errors are codes
+(:func:`~proxy.core.secret.public_code`), never an upstream's text: an upstream may echo the key it
+was sent, or a token endpoint the refresh token. Pure: the pool and ``now`` in, dictionaries out.
 
 A credential is in exactly one :data:`STATES`: ``disabled`` (a human must fix it, e.g. a refused
 API key), ``needs_relogin`` (an OAuth account whose refresh failed for good), ``blocked`` (limited
@@ -11,10 +13,12 @@ until a known time; it comes back on its own) or ``ok``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from proxy.core.credentials import Credential
 from proxy.core.pool import CredentialState, Pool
+from proxy.core.secret import public_code
 from proxy.core.selection import fnv1a_utf16
 
 OK = "ok"
@@ -34,18 +38,20 @@ def state_of(state: CredentialState, now: float) -> str:
     return OK
 
 
-def credential_doc(cred: Credential, state: CredentialState, now: float) -> dict[str, Any]:
-    """One credential's public view."""
+def credential_doc(cred: Credential, state: CredentialState, now: float, known: Sequence[str] = ()) -> dict[str, Any]:
+    """One credential's public view; ``known``: the secrets no code may show (the pool's tokens)."""
     name = state_of(state, now)
+    reason = state.block_reason if name == BLOCKED else state.disabled
     doc: dict[str, Any] = {
         "label": cred.label,
         "kind": cred.kind,
         "state": name,
         "blocked_until": state.blocked_until if name == BLOCKED else None,
-        "reason": state.block_reason if name == BLOCKED else state.disabled or None,
+        # A reason may come from another process's state file or Redis: shown as a code too.
+        "reason": public_code(reason, known) or None,
         "attention": state.attention,
         "served": state.served,
-        "last_error": state.last_error or None,
+        "last_error": public_code(state.last_error, known) or None,
         "usage": state.usage.to_json() if state.usage is not None else None,
     }
     if cred.expires_ms is not None:
@@ -64,7 +70,9 @@ def status_document(pool: Pool, now: float, version: str) -> dict[str, Any]:
                 "upstream": str(provider.upstream),
                 "kind": provider.kind,
                 "selector": provider.selector,
-                "credentials": [credential_doc(c, pool.state(c), now) for c in pool.credentials(provider.name)],
+                "credentials": [
+                    credential_doc(c, pool.state(c), now, pool.secrets()) for c in pool.credentials(provider.name)
+                ],
             }
         )
     return {"version": version, "now": now, "providers": providers}

@@ -136,15 +136,20 @@ def _window_name(window: Mapping[str, Any]) -> str:
 
 
 def usage_text(usage: Mapping[str, Any] | None, now: float) -> str:
+    """``5h 12% (resets 15:04), 7d 5% (resets Sun 01:15)``; windows that all reset in the same minute
+    (an Anthropic key's four per-minute windows) name their reset once, at the end."""
     if not usage or not usage.get("windows"):
         return "-"
+    windows = usage["windows"]
+    resets = [_short_time(w["resets_at"], now) if w.get("resets_at") else None for w in windows]
+    shared = resets[0] if len(windows) > 1 and resets[0] is not None and len(set(resets)) == 1 else None
     parts = []
-    for window in usage["windows"]:
+    for window, reset in zip(windows, resets, strict=True):
         text = f"{_window_name(window)} {window['used_percent']:g}%"
-        if window.get("resets_at"):
-            text += f" (resets {_short_time(window['resets_at'], now)})"
+        if reset is not None and shared is None:
+            text += f" (resets {reset})"
         parts.append(text)
-    return ", ".join(parts)
+    return ", ".join(parts) + (f" (all reset {shared})" if shared is not None else "")
 
 
 def state_text(cred: Mapping[str, Any], now: float) -> str:
@@ -220,6 +225,25 @@ def render_which(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def which_everywhere(base: str, token: str | None, session: str | None) -> tuple[list[Any], list[str]]:
+    """``which`` on every provider of the proxy at ``base`` that has credentials; also the names of
+    those that have none."""
+    status = get_json(base, "/status", token)
+    names = [p["name"] for p in status["providers"] if p["credentials"]]
+    empty = [p["name"] for p in status["providers"] if not p["credentials"]]
+    docs = [get_json(base, "/which", token, {"session": session or "", "provider": name}) for name in names]
+    return docs, empty
+
+
+def render_which_all(docs: list[Any], empty: list[str]) -> str:
+    """:func:`render_which` of each provider; a provider without credentials gets a line."""
+    parts = [render_which(doc) for doc in docs]
+    parts.extend(f"provider {name}: no credentials (every request gets 503)" for name in empty)
+    if len(docs) > 1:
+        parts.append("(--provider NAME shows one provider)")
+    return "\n\n".join(parts)
+
+
 # check ---------------------------------------------------------------------------------------
 
 
@@ -235,7 +259,7 @@ def check(config_path: str) -> tuple[bool, str]:
     lines.append(f"listens on {base_url(config)} (listen.host {config.listen.host})")
     path = config.credentials_file
     try:
-        creds = load_credentials(path, [p.name for p in config.providers])
+        creds = load_credentials(path, [p.name for p in config.providers], config.kinds)
     except CredproxyError as exc:
         lines.append(f"problem: {exc}")
         return False, "\n".join(lines)

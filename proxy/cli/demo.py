@@ -4,7 +4,10 @@ Everything is the real thing except the upstream and the clock: the proxy applic
 ``credproxy serve`` runs, loaded from a config file and a credentials file (three made-up ChatGPT
 accounts, mode 0600) in a temporary folder, listening on a free port of 127.0.0.1. The upstream is
 :class:`~proxy.testing.fake_upstream.FakeUpstream` on another free loopback port, and both share a
-:class:`~proxy.core.clock.ManualClock`, so "an hour passes" is one call, and the run is deterministic.
+:class:`DemoClock`, so "an hour passes" is one call, and the run is deterministic. The scenario plays
+the hour before the demo started (its clock starts an hour ago), so that when it ends the simulated
+time is now; from then on (``--keep-running``) the clock is the real one, and every reset time a
+client sees (``resets_at``, ``Retry-After``, status) agrees with the ``Date`` header and the wall clock.
 
 The scenario sends real HTTP requests through the proxy. Each row of the table is built from what
 happened: the tokens the fake upstream received (mapped to their labels) and what it answered, and
@@ -38,9 +41,33 @@ from proxy.observe import logs
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, Responder, ok, usage_limit
 
 LABELS = ("alpha", "bravo", "charlie")
+#: Simulated seconds the scenario covers: its clock starts this long before the demo does.
+SCENARIO_SPAN = 3600
 PROVIDER = "openai-codex"
 MOUNT = "/codex"
 BODY = {"model": "gpt-5.1-codex", "input": "say hi", "stream": True}
+
+
+class DemoClock(ManualClock):
+    """A :class:`ManualClock` that becomes the real clock when told (:meth:`follow_real_time`)."""
+
+    __slots__ = ("_real_since",)
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self._real_since: tuple[float, float] | None = None  # (time.monotonic(), our monotonic) then
+
+    def follow_real_time(self) -> None:
+        self._real_since = (time.monotonic(), super().monotonic())
+
+    def time(self) -> float:
+        return time.time() if self._real_since is not None else super().time()
+
+    def monotonic(self) -> float:
+        if self._real_since is None:
+            return super().monotonic()
+        real, ours = self._real_since
+        return ours + time.monotonic() - real
 
 
 @dataclass
@@ -56,7 +83,7 @@ class Row:
 @dataclass
 class Demo:
     folder: Path
-    clock: ManualClock
+    clock: DemoClock
     fake: FakeUpstream
     tokens: dict[str, str] = field(default_factory=dict)  # token -> label
     answers: list[int] = field(default_factory=list)
@@ -195,19 +222,19 @@ def render_rows(rows: list[Row]) -> str:
 
 async def run(out: TextIO, keep_running: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="credproxy-demo-") as folder:
-        clock = ManualClock(start=float(int(time.time())))
+        clock = DemoClock(start=float(int(time.time()) - SCENARIO_SPAN))
         demo = Demo(Path(folder), clock, FakeUpstream(clock=clock))
         try:
             await demo.start()
             print(
                 f"credproxy demo: credproxy on {demo.url} in front of a fake ChatGPT backend on "
-                f"http://127.0.0.1:{demo.fake.port}\nwith three made-up accounts ({', '.join(LABELS)}); "
-                "the clock is simulated.\n",
+                f"http://127.0.0.1:{demo.fake.port}\nwith three made-up accounts ({', '.join(LABELS)}). The clock "
+                "is simulated: the scenario plays the hour\nbefore now in about a second.\n",
                 file=out,
             )
             rows = await scenario(demo)
             print(render_rows(rows), file=out)
-            print("\nWhat `credproxy status` showed after request 6:\n", file=out)
+            print("\nWhat `credproxy status` showed after request 6 (at +0:00:00, simulated: an hour ago):\n", file=out)
             print(render_status(demo.snapshot, demo.url), file=out)
             problems = [f"request {i}: {r.problem}" for i, r in enumerate(rows, 1) if r.problem]
             for problem in problems:
@@ -225,6 +252,7 @@ async def _keep_running(demo: Demo, out: TextIO) -> None:
         labels = (recorded.header("x-demo-limit") or "").replace(" ", "").split(",")
         return demo.tokens.get(recorded.token or "") in labels
 
+    demo.clock.follow_real_time()
     demo.fake.reset_rules()
     demo.fake.on(usage_limit(resets_in=600), when=limited)
     assert demo.app is not None
@@ -234,7 +262,8 @@ async def _keep_running(demo: Demo, out: TextIO) -> None:
     body = orjson.dumps(BODY).decode()
     print(
         f"""
-Both stay up until Ctrl-C. Try (the demo clock stands still now, so a block lasts until you lift it):
+Both stay up until Ctrl-C, on the real clock now (x-demo-limit blocks an account for 10 minutes, or until
+you lift it). Try:
 
   curl -sS {u}{MOUNT}/responses -H 'session-id: my-session' -H 'content-type: application/json' -d '{body}' -D -
   curl -sS {u}{MOUNT}/responses -H 'session-id: my-session' -H 'x-demo-limit: {first}' \\

@@ -18,8 +18,8 @@ from pathlib import Path
 import orjson
 
 from proxy import __version__
-from proxy.accounts.importer import import_accounts
-from proxy.app import known_secrets, make_app, serve
+from proxy.accounts.importer import import_report
+from proxy.app import POOL, known_secrets, make_app, serve
 from proxy.cli import console, demo
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.edge import eventloop, memory
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print the proxy's JSON answer")
         if name == "which":
             cmd.add_argument("--session", help="the session id (as in session-id / X-Session-Id); none: round robin")
-            cmd.add_argument("--provider", help="provider name (required when several are configured)")
+            cmd.add_argument("--provider", help="provider name (default: every provider that has credentials)")
 
     check_cmd = commands.add_parser("check", help="validate a config and its credentials file")
     check_cmd.add_argument("--config", required=True, help="path to the JSON config file")
@@ -136,6 +136,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("credproxy %s listening on http://%s:%d (%s)", __version__, host, port, mounts)
         if not is_loopback(host):
             log.warning("%s is reachable from other machines: every request must carry a client token", host)
+        for provider in config.providers:
+            if not app[POOL].credentials(provider.name):
+                log.warning(
+                    "provider %s has no credentials in %s: it answers 503 to every request until some are added "
+                    "(the file is re-read when it changes)",
+                    provider.name,
+                    config.credentials_file,
+                )
 
     eventloop.run(serve(app, listen.host, listen.port, ready))
     return 0
@@ -146,20 +154,22 @@ IMPORT_SOURCES = {"codex": "~/.codex/auth.json", "pi": "~/.pi/agent/auth.json"}
 
 def cmd_import(args: argparse.Namespace) -> int:
     source = Path(args.path or IMPORT_SOURCES[args.kind]).expanduser()
-    providers = None
+    providers, kinds = None, None
     if args.config:
         config = load_config(args.config)
-        target, providers = config.credentials_file, [p.name for p in config.providers]
+        target, providers, kinds = config.credentials_file, [p.name for p in config.providers], config.kinds
     else:
         target = Path(args.credentials).expanduser().resolve()
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for line in import_accounts(source, args.kind, target, providers):
-        print(line)
+    report = import_report(source, args.kind, target, providers, kinds)
+    for item in report:
+        print(item)
     print(f"credentials file: {target} (unchanged source: {source})")
-    print(
-        "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
-        f"{source} stops working: let credproxy own the account, or log the other tool in again."
-    )
+    if any(item.kind == "oauth" and item.result != "skipped" for item in report):
+        print(
+            "note: refresh tokens are single-use. Once credproxy refreshes an imported account, the copy in "
+            f"{source} stops working: let credproxy own the account, or log the other tool in again."
+        )
     return 0
 
 
@@ -176,9 +186,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.command == "status":
         doc = console.get_json(url, "/status", token)
         text = console.render_status(doc, url)
-    else:
-        query = {k: v for k, v in (("session", args.session), ("provider", args.provider)) if v}
-        doc = console.get_json(url, "/which", token, query)
+    elif args.provider:
+        doc = console.get_json(url, "/which", token, {"session": args.session or "", "provider": args.provider})
         text = console.render_which(doc)
+    else:
+        docs, empty = console.which_everywhere(url, token, args.session)
+        doc = docs[0] if len(docs) == 1 else docs
+        text = console.render_which_all(docs, empty)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else text)
     return 0

@@ -10,6 +10,7 @@ persisted as such); ``monotonic()`` measures durations in memory.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Protocol
 
 
@@ -53,3 +54,13 @@ class ManualClock:
     def jump(self, seconds: float) -> None:
         """Move the wall clock only (an NTP step), forwards or backwards."""
         self._wall += seconds
+
+
+def readable_until(epoch: float, now: float) -> str:
+    """``2026-11-28T16:15:00+01:00, in 3600 s``: a moment as a log line shows it (ISO 8601, local time
+    with its UTC offset, like the line's own time), and the seconds left until it."""
+    try:
+        stamp = datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        stamp = f"epoch {epoch:.0f}"
+    return f"{stamp}, in {max(0, round(epoch - now))} s"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from proxy.core import anthropic
 from proxy.core.secret import Secret
 from proxy.errors import ConfigError
 
@@ -55,8 +56,10 @@ class Credential:
         secret = self.refresh if self.refresh is not None else self.token
         return hashlib.sha256(secret.reveal().encode()).hexdigest()[:16]
 
-    def auth_headers(self) -> tuple[tuple[str, str], ...]:
-        """The headers that present this credential upstream."""
+    def auth_headers(self, provider_kind: str) -> tuple[tuple[str, str], ...]:
+        """The headers that present this credential to an upstream of ``provider_kind``."""
+        if provider_kind == "anthropic":
+            return ((anthropic.KEY_HEADER, self.token.reveal()),)
         bearer = ("Authorization", "Bearer " + self.token.reveal())
         if self.kind == "oauth" and self.account_id:
             return (bearer, ("chatgpt-account-id", self.account_id))
@@ -71,8 +74,15 @@ def entries(doc: Mapping[str, Any], provider: str) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def parse_credentials(path: Path, doc: object, providers: Iterable[str]) -> dict[str, tuple[Credential, ...]]:
-    """Validate the credentials document for the configured ``providers``."""
+def parse_credentials(
+    path: Path, doc: object, providers: Iterable[str], kinds: Mapping[str, str] | None = None
+) -> dict[str, tuple[Credential, ...]]:
+    """Validate the credentials document for the configured ``providers``.
+
+    ``kinds`` maps provider names to their kind (``Config.kinds``): an ``anthropic`` provider takes API
+    keys only, and a Claude subscription login filed under it is refused with the reason.
+    """
+    kinds = kinds or {}
     if not isinstance(doc, dict):
         raise ConfigError(path, "", "the credentials file must be a JSON object from provider name to credentials")
     result: dict[str, tuple[Credential, ...]] = {}
@@ -85,6 +95,10 @@ def parse_credentials(path: Path, doc: object, providers: Iterable[str]) -> dict
         creds = []
         for index, raw in enumerate(entries(doc, provider)):
             where = f"{provider}[{index}]" if isinstance(value, list) else provider
+            if kinds.get(provider) == "anthropic" and isinstance(raw, dict):
+                problem = anthropic.subscription_problem(raw)
+                if problem is not None:
+                    raise ConfigError(path, where, problem)
             cred = parse_credential(path, where, provider, index, raw)
             for seen, what in ((labels, cred.label), (ids, cred.id)):
                 if what in seen:

@@ -19,13 +19,23 @@ path (absolute-form ``http://evil.example/...``, ``CONNECT host:443``, ``OPTIONS
    POST, including the "simple" ``text/plain`` POST that needs no preflight; the response would be
    unreadable, but the credential's quota would be spent. Any request carrying ``Origin`` is refused
    unless that exact origin is in ``security.allowed_origins``. credproxy never sends a CORS header.
-3. **Client token** (401), when tokens are configured: ``Authorization: Bearer <token>`` or
-   ``x-credproxy-token: <token>``. Both sides are hashed with SHA-256 and compared with
-   :func:`hmac.compare_digest` on bytes, so odd input (non-ASCII, lone surrogates from invalid UTF-8,
-   8 KB of junk) is just a wrong token, and the time taken says nothing about how much of it matched
-   (nor about its length). ``GET /_credproxy/health`` needs no token: it answers ``{"status": "ok"}``
-   and nothing else, so a Docker healthcheck works without the secret; anything that reveals state
-   belongs on an endpoint that does need one.
+   A page's GETs may carry no ``Origin`` at all (``<img src=http://127.0.0.1:8787/openai/models>``, a
+   link or a script that navigates to ``/_credproxy/status``), but browsers mark every request with
+   ``Sec-Fetch-Site``: ``cross-site`` or ``same-site`` (another port of ``localhost`` is the same
+   site) is refused like a foreign ``Origin``, unless the request carries an allowed ``Origin``
+   (an allowed page's ``fetch()``). ``same-origin`` and ``none`` (the user typed the address) pass.
+   ``Sec-Fetch-Mode: navigate`` (a page load, in a tab or a frame) is refused on every path but
+   credproxy's own ``/_credproxy/`` endpoints: no client of a model API navigates, and a typed address
+   must not spend a credential either. Probes (Docker, curl) send no ``Sec-Fetch-*`` header.
+3. **Client token** (401), when tokens are configured: ``Authorization: Bearer <token>``,
+   ``x-credproxy-token: <token>`` or ``x-api-key: <token>`` (Claude Code sends its
+   ``ANTHROPIC_API_KEY`` there; the Anthropic SDK 2.x sends its key as a bearer token). Both sides
+   are hashed with SHA-256 and compared with :func:`hmac.compare_digest` on bytes, so odd input
+   (non-ASCII, lone surrogates from invalid UTF-8, 8 KB of junk) is just a wrong token, and the time
+   taken says nothing about how much of it matched (nor about its length).
+   ``GET /_credproxy/health`` needs no token: it answers ``{"status": "ok"}`` and nothing else, so a
+   Docker healthcheck works without the secret; anything that reveals state belongs on an endpoint
+   that does need one.
 
 Everything that can be computed at startup is (lower-case name sets, token digests): a request costs
 a few dict lookups, and one hash per presented token when tokens are on.
@@ -43,7 +53,12 @@ from dataclasses import dataclass
 from proxy.core.secret import Secret
 
 TOKEN_HEADER = "x-credproxy-token"  # noqa: S105 (a header name)
+#: Where Anthropic clients (Claude Code's ``ANTHROPIC_API_KEY``) put their key: a client token may come there too.
+API_KEY_HEADER = "x-api-key"
 HEALTH_PATH = "/_credproxy/health"
+ADMIN_PATHS = "/_credproxy/"
+#: ``Sec-Fetch-Site`` values of a request a page on another origin made.
+OTHER_SITES = frozenset({"cross-site", "same-site"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "localhost.", "[::1]"})
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 1024
@@ -79,11 +94,23 @@ BAD_ORIGIN = Refusal(
     "origin_not_allowed",
     "requests from web pages (an Origin header) are refused; add the origin to security.allowed_origins",
 )
+CROSS_SITE = Refusal(
+    403,
+    "cross_site_request",
+    "requests from web pages of other sites (Sec-Fetch-Site: cross-site or same-site) are refused; "
+    "a page's fetch() passes only with its Origin in security.allowed_origins",
+)
+NAVIGATION = Refusal(
+    403,
+    "navigation_refused",
+    "a browser navigation (Sec-Fetch-Mode: navigate) to a proxied path is refused; use an API client",
+)
 BAD_TOKEN = Refusal(
     401,
     "invalid_client_token",
-    "missing or wrong credproxy client token; send it as 'Authorization: Bearer <token>' or "
-    f"'{TOKEN_HEADER}: <token>' (the token is in the file named by security.client_token_file)",
+    "missing or wrong credproxy client token; send it as 'Authorization: Bearer <token>', "
+    f"'{TOKEN_HEADER}: <token>' or '{API_KEY_HEADER}: <token>' (the token is in the file named by "
+    "security.client_token_file)",
 )
 
 
@@ -134,8 +161,13 @@ class Guard:
         origin: str | None,
         authorization: str | None,
         token: str | None,
+        *,
+        fetch_site: str | None,
+        fetch_mode: str | None,
+        api_key: str | None = None,
     ) -> Refusal | None:
-        """``None`` when the request may proceed, else why not. Header values as received (or ``None``)."""
+        """``None`` when the request may proceed, else why not. Header values as received (or ``None``);
+        ``fetch_site`` and ``fetch_mode`` are ``Sec-Fetch-Site`` and ``Sec-Fetch-Mode``."""
         if version < (1, 0):
             return HTTP09
         if not raw_path.startswith("/"):
@@ -144,9 +176,18 @@ class Guard:
             return NO_HOST
         if not self.host_allowed(host):
             return BAD_HOST
-        if origin is not None and origin.lower() not in self._origins:
-            return BAD_ORIGIN
-        if self._digests and not self.token_ok(authorization, token) and raw_path.partition("?")[0] != HEALTH_PATH:
+        if origin is not None:
+            if origin.lower() not in self._origins:
+                return BAD_ORIGIN
+        elif fetch_site is not None and fetch_site.lower() in OTHER_SITES:
+            return CROSS_SITE
+        if fetch_mode is not None and fetch_mode.lower() == "navigate" and not raw_path.startswith(ADMIN_PATHS):
+            return NAVIGATION
+        if (
+            self._digests
+            and not self.token_ok(authorization, token, api_key)
+            and raw_path.partition("?")[0] != HEALTH_PATH
+        ):
             return BAD_TOKEN
         return None
 
@@ -157,10 +198,10 @@ class Guard:
         name, port = split_host(host)
         return name in self._host_names and (not port or port.isdigit())
 
-    def token_ok(self, authorization: str | None, token: str | None) -> bool:
-        """True when either header carries a configured token."""
+    def token_ok(self, authorization: str | None, token: str | None, api_key: str | None = None) -> bool:
+        """True when any of the headers carries a configured token."""
         matched = False
-        for value in (token, bearer(authorization)):
+        for value in (token, bearer(authorization), api_key):
             if value is None:
                 continue
             digest = _digest(value)

@@ -1,9 +1,10 @@
 """Header hygiene between client, proxy and upstream. Pure functions over (name, value) pairs.
 
 Towards the upstream: hop-by-hop headers and every header named in ``Connection`` go (RFC 9110
-7.6.1); so do the client's credentials and account-routing headers (the chosen credential supplies
-its own), ``Forwarded`` / ``X-Forwarded-*``, ``Host`` (the upstream's is used), ``Content-Length`` (the
-body is re-sent from the buffer), ``Expect`` (the body is already here) and credproxy's own
+7.6.1); so do the client's credentials (``Authorization``, and Anthropic's ``x-api-key`` whatever the
+provider) and account-routing headers (the chosen credential supplies its own), ``Forwarded`` /
+``X-Forwarded-*``, ``Host`` (the upstream's is used), ``Content-Length`` (the body is re-sent from
+the buffer), ``Expect`` (the body is already here) and credproxy's own
 ``x-credproxy-*`` headers. Everything else passes unchanged, in order, duplicates included.
 
 Towards the client: hop-by-hop headers go, and so does ``Set-Cookie`` (a cookie of one account must
@@ -33,6 +34,7 @@ HOP_BY_HOP = frozenset(
 
 CLIENT_ONLY = HOP_BY_HOP | {
     "authorization",
+    "x-api-key",
     "cookie",
     "chatgpt-account-id",
     "openai-organization",

@@ -23,6 +23,7 @@ from proxy.core.clock import Clock
 from proxy.core.credential_state import EMPTY, Entry, merge
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
+from proxy.core.secret import public_code
 from proxy.core.usage import UsageSnapshot, exhausted_until, highest_percent
 from proxy.errors import NoCredentialAvailable
 
@@ -220,12 +221,13 @@ class Pool:
         now = self._clock.time()
         if verdict.until > entry.blocked_until:
             since = now if entry.blocked_until <= now else entry.blocked_since
-            entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=verdict.reason)
+            reason = public_code(verdict.reason, self.secrets())
+            entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=reason)
         if verdict.attention and not entry.attention:
             entry = replace(entry, attention=True)
         state.entry = entry
         state.consecutive_limits += 1
-        state.last_error = verdict.reason
+        state.last_error = public_code(verdict.reason, self.secrets())
         self._changed(cred, state)
 
     def disable(self, cred: Credential, reason: str) -> None:
@@ -233,7 +235,7 @@ class Pool:
         state.entry = replace(
             state.entry, disabled=reason, disabled_since=self._clock.time(), disabled_token=cred.fingerprint
         )
-        state.last_error = reason
+        state.last_error = public_code(reason, self.secrets())
         self._changed(cred, state)
 
     def record_usage(self, cred: Credential, snapshot: UsageSnapshot, block: bool = True) -> None:
@@ -265,8 +267,8 @@ class Pool:
             self._changed(cred, state)
 
     def failed(self, cred: Credential, reason: str) -> None:
-        """Record an error that does not change the credential's availability."""
-        self._state[cred.id].last_error = reason
+        """Record an error that does not change the credential's availability (as a code: see ``public_code``)."""
+        self._state[cred.id].last_error = public_code(reason, self.secrets())
 
     def unblock(self, cred: Credential) -> None:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""

@@ -5,7 +5,9 @@ Theory of operation
 An upstream answer says "this credential is limited" in one of three ways: status 429; an error
 body whose ``type`` or ``code`` is one of :data:`LIMIT_CODES` (whatever the status); or a 200 SSE
 stream whose first event is ``response.failed`` (or ``error``) with such a code. :func:`classify`
-turns (status, headers, parsed error) into a :class:`Verdict`; it never mutates anything.
+turns (status, headers, parsed error) into a :class:`Verdict`; it never mutates anything. The
+shapes of OpenAI, the ChatGPT backend and Anthropic's Messages API (:mod:`proxy.core.anthropic`)
+are all read here: their codes and headers do not collide, so one table serves every provider.
 
 The block lasts until the reset time the upstream announced. Hints are taken by priority group;
 the first group holding a usable value wins, and within a group the latest value wins:
@@ -16,14 +18,16 @@ the first group holding a usable value wins, and within a group the latest value
 3. ``Retry-After``, in seconds or as an HTTP date;
 4. ``x-ratelimit-reset-requests`` / ``-tokens`` (Go durations such as ``6m0s``), for the exhausted
    limit when ``x-ratelimit-remaining-*`` says which one, else the later of the two;
-5. "try again in 1.5s" in the error message;
-6. no hint: a default cool-down of 60 s that doubles with each consecutive limit (up to 30 min).
+5. ``anthropic-ratelimit-*-reset`` (RFC 3339): the earliest reset among the windows with nothing
+   remaining (:func:`proxy.core.anthropic.reset_delta` says why the earliest);
+6. "try again in 1.5s" in the error message;
+7. no hint: a default cool-down of 60 s that doubles with each consecutive limit (up to 30 min).
 
 A hint that is zero, negative, not finite, unparsable or more than a year away is ignored (a zero
 delay says nothing about when the limit ends); one between eight days and a year is clamped to eight
 days (a weekly plan window fits). A reset time in the past means "now", and every block lasts at
 least one second. ``insufficient_quota`` and ``usage_not_included`` need a human (billing, plan):
-they block for a day at least and are flagged.
+they block for a day at least and are flagged, as does Anthropic's ``billing_error``.
 
 Not every refusal is the credential's fault (issue 16: one request must not condemn the pool):
 
@@ -31,10 +35,11 @@ Not every refusal is the credential's fault (issue 16: one request must not cond
   or "Limit 30000, Requested 50000": requested above the limit) is an ``ERROR``: no wait helps, no
   other credential would take it, so it goes back to the client unchanged;
 * a ``401`` is ``UNAUTHORIZED`` (the credential is invalid: disable an API key) only when it says so:
-  ``invalid_api_key``, "Incorrect API key provided", a revoked or deactivated key or account. A
-  ``401`` about missing scopes or permissions ("You have insufficient permissions for this
-  operation. Missing scopes: ...") is the request's: an ``ERROR``, passed through. Any other ``401``
-  is ``REFUSED``: the credential may be at fault, but nothing says it is invalid.
+  ``invalid_api_key``, "Incorrect API key provided", a revoked or deactivated key or account,
+  Anthropic's ``authentication_error``. A ``401`` about missing scopes or permissions ("You have
+  insufficient permissions for this operation. Missing scopes: ...") is the request's: an ``ERROR``,
+  passed through. Any other ``401`` is ``REFUSED``: the credential may be at fault, but nothing says
+  it is invalid.
 """
 
 from __future__ import annotations
@@ -47,14 +52,28 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from proxy.core import anthropic
 from proxy.core.backoff import backoff
 
-LIMIT_CODES = frozenset({"usage_limit_reached", "usage_not_included", "rate_limit_exceeded", "insufficient_quota"})
-ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included"})
-#: Codes of a 401 that say the credential itself is invalid.
-INVALID_CREDENTIAL_CODES = frozenset({"invalid_api_key", "account_deactivated", "api_key_revoked"})
+LIMIT_CODES = frozenset(
+    {
+        "usage_limit_reached",
+        "usage_not_included",
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        anthropic.RATE_LIMIT,
+        anthropic.BILLING,
+    }
+)
+ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included", anthropic.BILLING})
+#: Codes of a 401 that say the credential itself is invalid (Anthropic's: "There's an issue with your API key").
+INVALID_CREDENTIAL_CODES = frozenset(
+    {"invalid_api_key", "account_deactivated", "api_key_revoked", "authentication_error"}
+)
 #: Codes of a 401 about what the request may do (scopes, roles), not about the credential.
-PERMISSION_CODES = frozenset({"insufficient_permissions", "missing_scope", "missing_scopes", "permission_denied"})
+PERMISSION_CODES = frozenset(
+    {"insufficient_permissions", "missing_scope", "missing_scopes", "permission_denied", "permission_error"}
+)
 CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
 _KNOWN_CODES = LIMIT_CODES | CONTINUATION_CODES
 
@@ -105,6 +124,10 @@ def error_info(doc: object) -> ErrorInfo | None:
     """Find the error object in a parsed JSON body or SSE event, in any of the shapes seen."""
     if not isinstance(doc, dict):
         return None
+    typed = anthropic.error_code(doc)
+    if typed is not None:
+        message = doc["error"].get("message")
+        return ErrorInfo(code=typed, message=message if isinstance(message, str) else "")
     err: object = None
     if doc.get("type") == "response.failed":
         response = doc.get("response")
@@ -216,6 +239,8 @@ def reset_hint(headers: Mapping[str, str], error: ErrorInfo | None, now: float) 
         return _until(found, now, "retry-after")
     if (found := _best(_ratelimit_reset_deltas(headers))) is not None:
         return _until(found, now, "x-ratelimit-reset")
+    if (delta := anthropic.reset_delta(headers, now)) is not None and delta <= ABSURD:
+        return _until(max(delta, MIN_BLOCK), now, "anthropic-ratelimit-reset")
     if error is not None and error.message and (found := _best([parse_try_again(error.message)])) is not None:
         return _until(found, now, "message")
     return None

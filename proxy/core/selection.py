@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A request belongs to a *session* when it carries a session id (``X-Session-Id``, or one of the
-headers Codex and pi send). A session should stick to one credential, so that the upstream's prompt
+headers Claude Code, Codex and pi send). A session should stick to one credential, so that the upstream's prompt
 cache and the account's encrypted reasoning stay valid across turns. The reference algorithm
 (protocol.md section 9, from oh-my-pi) hashes the session id with 32-bit FNV-1a over its UTF-16
 code units and starts at ``hash mod N``; the rest of the pool follows in index order, wrapping
@@ -32,7 +32,14 @@ FNV_OFFSET_BASIS = 2166136261
 FNV_PRIME = 16777619
 
 #: Headers that carry a session id, in the order they are consulted.
-SESSION_HEADERS = ("x-session-id", "session-id", "session_id", "thread-id", "conversation_id")
+SESSION_HEADERS = (
+    "x-session-id",
+    "x-claude-code-session-id",
+    "session-id",
+    "session_id",
+    "thread-id",
+    "conversation_id",
+)
 
 _UTF16_NATIVE = "utf-16-le" if sys.byteorder == "little" else "utf-16-be"
 

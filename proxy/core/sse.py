@@ -38,6 +38,7 @@ QUIET_EVENTS = tuple(
         b"response.reasoning_text.delta",
         b"response.function_call_arguments.delta",
         b"response.custom_tool_call_input.delta",
+        b"content_block_delta",  # Anthropic's Messages API: text, thinking and tool-input deltas
     )
 )
 

@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.http_parser import SINGLETON_HEADERS
 
 from proxy.config import ADMIN_PREFIX, Limits
-from proxy.core.guard import TOKEN_HEADER, Guard, Refusal
+from proxy.core.guard import API_KEY_HEADER, TOKEN_HEADER, Guard, Refusal
 from proxy.core.headers import Headers, connection_tokens
 from proxy.edge.client import Client, Incoming, body_timeout
 from proxy.edge.deadline import Deadline
@@ -62,6 +62,8 @@ def refusal_response(refusal: Refusal) -> web.Response:
     """What a client the guard refused gets; it gets no kept-alive connection to sit on."""
     response = error_response(refusal.status, refusal.message, refusal.code)
     response.force_close()
+    # Retrying cannot help; Claude Code would retry a 401 ten times over three minutes without it.
+    response.headers["x-should-retry"] = "false"
     if refusal.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="credproxy"'
     return response
@@ -389,6 +391,9 @@ class FastConnection(asyncio.Protocol):
             head.first.get("origin"),
             head.first.get("authorization"),
             head.first.get(_TOKEN),
+            fetch_site=head.first.get("sec-fetch-site"),
+            fetch_mode=head.first.get("sec-fetch-mode"),
+            api_key=head.first.get(API_KEY_HEADER),
         )
         if refusal is not None:
             peer = self._transport.get_extra_info("peername") if self._transport is not None else None

@@ -25,10 +25,13 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, Provider
+from proxy.core import anthropic
 from proxy.core import headers as hdrs
-from proxy.core.clock import Clock
+from proxy.core.clock import Clock, readable_until
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
+from proxy.core.encoding import readable
+from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import LIMIT_CODES, OK, ErrorInfo, Kind, Verdict, classify, error_info
 from proxy.core.replay import (
@@ -107,6 +110,8 @@ class Forwarder:
         self._id_prefix = os.urandom(3).hex()
         self.observers: list[Observer] = []
         self.stream_event_hooks: list[StreamEventHook] = []
+        #: Every secret the process holds (``proxy.app.known_secrets``): masked in what is relayed.
+        self.secrets: Callable[[], Sequence[str]] = tuple
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler (the catch-all route, and the server's path for what the fast server hands on)."""
@@ -231,7 +236,7 @@ class Forwarder:
                     upstream = None
                 if type(step) is Send:
                     record.tried.append(step.cred.label)
-                    upstream = await self._send(method, origin, target, forwarded, step, record)
+                    upstream = await self._send(method, origin, target, forwarded, step, provider.kind, record)
                     verdict, prefix = await self._inspect(upstream, step.cred, provider)
                     commands = plan.answered(verdict, upstream.status, self._clock.time())
                 elif type(step) is Prepare:
@@ -273,10 +278,10 @@ class Forwarder:
                 verdict = effect.verdict
                 self._pool.block(effect.cred, verdict)
                 log.info(
-                    "credential %s limited (%s) until %.0f (from %s)",
+                    "credential %s limited (%s) until %s (from %s)",
                     effect.cred.label,
                     verdict.reason,
-                    verdict.until,
+                    readable_until(verdict.until, self._clock.time()),
                     verdict.source,
                 )
             elif type(effect) is Disable:
@@ -293,13 +298,20 @@ class Forwarder:
                     )
 
     async def _send(
-        self, method: str, origin: str, target: str, forwarded: hdrs.Headers, send: Send, record: RequestRecord
+        self,
+        method: str,
+        origin: str,
+        target: str,
+        forwarded: hdrs.Headers,
+        send: Send,
+        provider_kind: str,
+        record: RequestRecord,
     ) -> UpstreamResponse:
         """One attempt; a refused connection (the request never left) is tried once more."""
         drop = send.drop
         if drop:
             forwarded = [(k, v) for k, v in forwarded if k.lower() not in drop]
-        headers = [*forwarded, *send.cred.auth_headers()]
+        headers = [*forwarded, *send.cred.auth_headers(provider_kind)]
         for retry in (False, True):
             record.attempts += 1
             sent = self._clock.monotonic()
@@ -320,7 +332,20 @@ class Forwarder:
         if provider.kind == "codex" and self.accounts is not None:
             # Usage windows ride on every Codex answer. On a limit answer the verdict decides the block.
             self.accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
+        elif provider.kind == "anthropic":
+            self._observe_anthropic(cred, headers, verdict)
         return verdict, prefix
+
+    def _observe_anthropic(self, cred: Credential, headers: dict[str, str], verdict: Verdict) -> None:
+        """An Anthropic key's windows ride on every answer; one with nothing left is skipped until it resets."""
+        now = self._clock.time()
+        snapshot = anthropic.usage_from_headers(headers, now)
+        if snapshot is None:
+            return
+        self._pool.record_usage(cred, snapshot, block=False)
+        until = anthropic.exhausted_until(snapshot, now) if verdict.kind is not Kind.LIMITED else None
+        if until is not None:
+            self._pool.block(cred, Verdict(Kind.LIMITED, "usage_exhausted", until, "anthropic-ratelimit-reset"))
 
     async def _classify(
         self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
@@ -328,7 +353,8 @@ class Forwarder:
         status = upstream.status
         if status >= 400:
             body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
-            info = error_info(parse_json(body)) if complete and body else None
+            text = readable(body, headers.get("content-encoding")) if complete and body else None
+            info = error_info(parse_json(text)) if text else None
             consecutive = self._pool.state(cred).consecutive_limits
             return classify(status, headers, info, self._clock.time(), consecutive), body
         if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
@@ -361,7 +387,10 @@ class Forwarder:
         cred: Credential,
         record: RequestRecord,
     ) -> None:
-        headers = hdrs.to_client(upstream.headers, _OURS)
+        known = self.secrets()
+        headers, reason = mask_head(hdrs.to_client(upstream.headers, _OURS), upstream.reason, known)
+        if prefix and upstream.status >= 400:  # a buffered error body (see proxy/core/masking.py)
+            headers, prefix = mask_body(headers, prefix, len(prefix) < MAX_ERROR_BODY, known)
         is_sse = False
         for name, value in headers:
             if name.lower() == "content-type":
@@ -373,7 +402,7 @@ class Forwarder:
             headers.append(("X-Accel-Buffering", "no"))
         record.status = upstream.status
         has_body = upstream.status not in _NO_BODY_STATUSES and request.method != "HEAD"
-        await client.begin(upstream.status, upstream.reason, headers, has_body)
+        await client.begin(upstream.status, reason, headers, has_body)
         if not has_body:
             await client.end()
             return
@@ -436,10 +465,16 @@ class Forwarder:
             hook(cred, events)
 
     def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        provider = self._provider(exc.provider)
+        if provider is not None and provider.kind == "anthropic":
+            wait = None if exc.retry_at is None else max(1, math.ceil(exc.retry_at - self._clock.time()))
+            status, doc, extra = anthropic.unavailable(str(exc), wait)
+            answer = json_response(status, doc, record)
+            answer.headers.update(extra)
+            return answer
         if exc.retry_at is None:
             return error_response(503, str(exc), "no_credentials", record)
         wait = max(1, math.ceil(exc.retry_at - self._clock.time()))
-        provider = self._provider(exc.provider)
         message = f"{exc}; retry in {wait} s"
         if provider is not None and provider.kind == "codex":
             body = {

@@ -46,7 +46,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
 from proxy.config import ADMIN_PREFIX, Limits
-from proxy.core.guard import TOKEN_HEADER, Guard
+from proxy.core.guard import API_KEY_HEADER, TOKEN_HEADER, Guard
 from proxy.edge.fast_server import FastConnection, FastSettings, HttpDate, Serve, refusal_response
 from proxy.edge.memory import BURST, RELEASE_DELAY, BurstRelease, release_memory
 
@@ -101,6 +101,9 @@ def guarded(handler: Handler, guard: Guard, direct: RouteHandler | None = None) 
             headers.get("Origin"),
             headers.get("Authorization"),
             headers.get(TOKEN_HEADER),
+            fetch_site=headers.get("Sec-Fetch-Site"),
+            fetch_mode=headers.get("Sec-Fetch-Mode"),
+            api_key=headers.get(API_KEY_HEADER),
         )
         if refusal is None:
             if direct is not None and _outside_the_router(request.raw_path) and EXPECT not in headers:

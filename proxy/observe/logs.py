@@ -22,12 +22,21 @@ redacted and formatted directly, by the same formatter code and with the same kn
 building a ``LogRecord``: it is the line the logging path would write, for a tenth of the cost.
 Otherwise (a test's ``caplog``, an application's own handlers) it goes through ``logging`` like any
 record.
+
+A text line holds no control character: a path, a method, an error message carry what a client or an
+upstream sent (a refused request's decoded path included, so no token is needed to put bytes there),
+and ``%0a`` would start a forged line, ``%1b[2J`` clear the operator's terminal. :func:`printable`
+shows each control character (and any other unprintable one, a lone surrogate included) as ``\\xNN``
+or ``\\uNNNN``. A traceback keeps its line breaks, except one followed by a digit: an exception's
+message may carry a client's text, and every text line starts with its time. JSON lines need nothing:
+the encoder escapes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -119,12 +128,49 @@ class _Stamp:
         return cached[1]
 
 
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every unprintable character but those in ``keep`` escaped (``\\x1b``, ``\\u2028``)."""
+    if text.isprintable():  # the common case, at C speed
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)
+
+
+def _multiline(text: str) -> str:
+    """A traceback made printable: line breaks kept, but none that would start a line like a log line's."""
+    text = printable(text, "\n")
+    return _FORGED_LINE.sub("\\\\x0a", text) if "\n" in text else text
+
+
+_FORGED_LINE = re.compile(r"\n(?=\d)")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 class TextFormatter(logging.Formatter):
-    """``<time> <LEVEL> <logger> <message>``; :meth:`line` writes the same line without a record."""
+    """``<time> <LEVEL> <logger> <message>``, unprintable characters escaped; :meth:`line` writes the same
+    line without a record."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
         self._stamp = _Stamp(self.default_time_format, self.converter)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.asctime} {record.levelname} {record.name} {printable(record.message)}"
+
+    def formatException(self, ei: Any) -> str:
+        return _multiline(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _multiline(stack_info)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_text and not record.exc_info:
+            # The redacting filter rendered the traceback already (formatException is not called again).
+            record.exc_text = _multiline(record.exc_text)
+        return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt:
@@ -137,7 +183,8 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp(second)},{int((created - second) * 1000):03d}"
 
     def line(self, created: float, level: str, name: str, message: str, fields: dict[str, Any] | None = None) -> str:
-        """The line :meth:`format` makes of a record without a traceback (``fields`` are not shown)."""
+        """The line :meth:`format` makes of a record without a traceback (``fields`` are not shown), for a
+        ``message`` that is printable already (:func:`access_message` escapes what a client sent)."""
         return f"{self.stamp(created)} {level} {name} {message}"
 
 
@@ -355,9 +402,11 @@ def access_fields(record: RequestRecord) -> dict[str, Any]:
 
 
 def access_message(record: RequestRecord) -> str:
+    """The text line of a request; what a client sent (method, path; the error is a ``repr``) is escaped."""
     error = f" error={record.error!r}" if record.error else ""
     return (
-        f"{record.request_id} {record.provider or '-'} {record.method} {record.path} -> {record.status} "
+        f"{record.request_id} {record.provider or '-'} {printable(record.method)} {printable(record.path)} "
+        f"-> {record.status} "
         f"{record.outcome} session={record.session_hash or '-'} credential={_credential(record) or '-'} "
         f"tried={','.join(record.tried) or '-'} attempts={record.attempts} {record.duration * 1000:.1f}ms{error}"
     )

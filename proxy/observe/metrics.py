@@ -196,7 +196,7 @@ class PoolCollector(Collector):
         )
         usage_gauge = GaugeMetricFamily(
             "credproxy_credential_usage_percent",
-            "Used percentage of each usage window (ChatGPT/Codex accounts).",
+            "Used percentage of each usage window (ChatGPT/Codex accounts, Anthropic API keys).",
             labels=[*labels, "window"],
         )
         served = CounterMetricFamily(

@@ -21,6 +21,7 @@ from proxy.accounts.custody import Custodian
 from proxy.config import Config
 from proxy.core.clock import Clock
 from proxy.core.pool import Pool
+from proxy.core.secret import public_code
 from proxy.storage.file_backend import FileSync
 
 
@@ -57,7 +58,7 @@ def state_view(pool: Pool, backend: StateBackend, now: float) -> dict[str, Any]:
                 "label": cred.label,
                 "available": pool.available(cred, now),
                 "blocked_until": state.blocked_until if state.blocked_until > now else None,
-                "reason": state.block_reason if state.blocked_until > now else "",
+                "reason": public_code(state.block_reason, pool.secrets()) if state.blocked_until > now else "",
                 "disabled": state.disabled,
             }
         )

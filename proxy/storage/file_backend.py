@@ -11,7 +11,7 @@ One task per application, woken by changes and by a short poll interval:
   the pool.
 * **credentials in**: when the credentials file changed (edited by hand, ``credproxy import``, another
   process refreshing a token), it is re-read and the pool updated without a restart. A broken edit is
-  reported once and the last good view keeps serving. Tokens that exist only in memory (a write
+  reported once and the last good view keeps serving; its fix is logged. Tokens that exist only in memory (a write
   failed) are never replaced by the file's older ones, and their write is retried.
 
 File I/O runs in threads; the event loop never blocks on the disk.
@@ -238,11 +238,14 @@ class FileSync:
             log.error("%s (still serving)", exc)
         try:
             doc = await asyncio.to_thread(files.read_document, self.credentials_file)
-            loaded = parse_credentials(self.credentials_file, doc, names)
+            loaded = parse_credentials(self.credentials_file, doc, names, self._config.kinds)
         except CredproxyError as exc:
             self.credentials_error = str(exc)
             log.error("the credentials file changed but cannot be used (%s); still serving the last good view", exc)
             return
+        if self.credentials_error:
+            count = sum(len(loaded[name]) for name in names)
+            log.info("the credentials file is usable again: serving its %d credentials", count)
         self.credentials_error = ""
         unpersisted = self._custodian.unpersisted if self._custodian is not None else {}
         for name in names:

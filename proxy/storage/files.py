@@ -21,7 +21,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,11 @@ def read_document(path: Path, lock_timeout: float = LOCK_TIMEOUT) -> dict[str, A
     return parse_document(path, raw)
 
 
-def load_credentials(path: Path, providers: Iterable[str]) -> dict[str, tuple[Credential, ...]]:
-    """Read the credentials file and return the credentials of the configured ``providers``."""
-    return parse_credentials(path, read_document(path), providers)
+def load_credentials(
+    path: Path, providers: Iterable[str], kinds: Mapping[str, str] | None = None
+) -> dict[str, tuple[Credential, ...]]:
+    """Read the credentials file and return the credentials of the configured ``providers`` (of ``kinds``)."""
+    return parse_credentials(path, read_document(path), providers, kinds)
 
 
 def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None:

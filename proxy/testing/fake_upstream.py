@@ -1,4 +1,5 @@
-"""A scripted fake of the OpenAI API and the ChatGPT/Codex backend, for tests, the demo and benchmarks.
+"""A scripted fake of the OpenAI API, the ChatGPT/Codex backend and Anthropic's Messages API
+(:mod:`proxy.testing.fake_anthropic`), for tests, the demo and benchmarks.
 
 It never talks to the network beyond its own loopback socket. It records every request it receives
 (:class:`Recorded`: method, target, headers in order, body bytes, the bearer token) and answers
@@ -14,12 +15,12 @@ Responders are small factories (:func:`usage_limit`, :func:`rate_limit`, :func:`
 
     fake.on(usage_limit(resets_in=3600), token="sk-a", times=1)
 
-Run ``python -m proxy.testing.fake_upstream --port 9999`` to get one on a fixed port.
+Run ``python -m proxy.testing.fake_upstream --port 9999`` to get one on a fixed port; its flags and
+control endpoints (limit a credential, refuse one) are in :mod:`proxy.testing.fake_control`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from proxy.core.clock import Clock, SystemClock
+from proxy.testing import fake_anthropic
 from proxy.testing.fake_bodies import (
     chat_chunks,
     chat_completion,
@@ -64,8 +66,11 @@ class Recorded:
 
     @property
     def token(self) -> str | None:
+        """The bearer token, or else the ``x-api-key`` (how an Anthropic key is presented)."""
         auth = self.header("authorization")
-        return auth[7:] if auth and auth.startswith("Bearer ") else auth
+        if auth is None:
+            return self.header("x-api-key")
+        return auth[7:] if auth.startswith("Bearer ") else auth
 
     @property
     def body_sha256(self) -> str:
@@ -207,9 +212,12 @@ def _model(recorded: Recorded) -> str:
 
 
 def ok(text: str = "hi", headers: Mapping[str, str] | None = None) -> Responder:
-    """A success in the shape the path asks for: Responses or Chat Completions, JSON or SSE."""
+    """A success in the shape the path asks for: Responses or Chat Completions, JSON or SSE, or the
+    Messages API's (:mod:`proxy.testing.fake_anthropic`)."""
 
     async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        if fake_anthropic.is_messages_api(recorded):
+            return await fake_anthropic.ok(text, headers=headers)(request, recorded, fake)
         created = int(fake.clock.time())
         model = _model(recorded)
         chat = recorded.path.endswith("/chat/completions")
@@ -407,17 +415,10 @@ def _abort(request: web.Request) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="credproxy's fake upstream (loopback only)")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
+    """``python -m proxy.testing.fake_upstream``: flags and control endpoints in :mod:`proxy.testing.fake_control`."""
+    from proxy.testing.fake_control import run  # noqa: PLC0415 (only the command line needs it)
 
-    async def run() -> None:
-        fake = FakeUpstream()
-        url = await fake.start("127.0.0.1", args.port)
-        print(f"fake upstream on {url}", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(run())
+    run(FakeUpstream())
 
 
 if __name__ == "__main__":

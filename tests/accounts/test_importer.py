@@ -96,6 +96,34 @@ def test_pi_and_oh_my_pi_files_keep_what_is_already_there(tmp_path: Path) -> Non
     assert "anthropic" not in doc
 
 
+def test_a_claude_subscription_login_in_a_pi_file_is_skipped_and_said_so(tmp_path: Path) -> None:
+    target = tmp_path / "auth.json"
+    login = {"type": "oauth", "access": "sk-ant-oat01-xyz", "refresh": "sk-ant-ort01-xyz", "expires": 1}
+    pi = {
+        "anthropic": [login, {"type": "api_key", "key": "sk-ant-api03-team-a"}],
+        "openai": {"type": "api_key", "key": "sk-new-00000002"},
+    }
+    lines = import_accounts(write_json(tmp_path / "pi.json", pi), "pi", target)
+    assert lines == [
+        "skipped: anthropic oauth (a Claude subscription login: not pooled, see README)",
+        "added: anthropic api_key api_key",
+        "added: openai api_key api_key",
+    ]
+    doc = orjson.loads(target.read_bytes())
+    assert doc["anthropic"] == [{"type": "api_key", "key": "sk-ant-api03-team-a"}]
+    assert "sk-ant-oat01-xyz" not in target.read_text()
+    # The file credproxy wrote is one an anthropic provider accepts.
+    assert len(load_credentials(target, ["anthropic"], {"anthropic": "anthropic"})["anthropic"]) == 1
+    # A provider of kind openai that happens to be named anthropic keeps what it is given.
+    only = {"anthropic": login}
+    assert import_accounts(
+        write_json(tmp_path / "only.json", only), "pi", tmp_path / "b.json", None, {"anthropic": "openai"}
+    ) == ["added: anthropic oauth oauth"]
+    with pytest.raises(ConfigError, match=r"no credentials credproxy can use.*subscription login"):
+        import_accounts(tmp_path / "only.json", "pi", tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(b"[]", "expected a JSON object"), (b'{"auth_mode": "chatgpt"}', "codex login"), (b"{", "not valid JSON")],
@@ -118,3 +146,24 @@ async def test_the_import_command(tmp_path: Path) -> None:
     assert "single-use" in out
     assert "rt-secret-1" not in out + err
     assert orjson.loads(target.read_bytes())["openai-codex"][0]["refresh"] == "rt-secret-1"
+
+
+async def test_a_codex_file_with_only_an_api_key_gets_a_label_and_no_oauth_note(tmp_path: Path) -> None:
+    source = write_json(tmp_path / "codex-auth.json", {"auth_mode": "apikey", "OPENAI_API_KEY": "sk-codex-key-0001"})
+    target = write_json(tmp_path / "auth.json", {"openai": [{"type": "api_key", "key": "sk-mine-0001"}]})
+    code, out, err = await run_credproxy("import", "codex", str(source), "--credentials", str(target))
+    assert code == 0, err
+    assert out.splitlines() == [
+        "added: openai api_key codex-api-key",
+        f"credentials file: {target} (unchanged source: {source})",
+    ]
+    assert "sk-codex-key-0001" not in out + err
+    creds = load_credentials(target, ["openai"])["openai"]
+    assert [(c.label, c.token.reveal()) for c in creds] == [
+        ("openai#1", "sk-mine-0001"),
+        ("codex-api-key", "sk-codex-key-0001"),
+    ]
+    # Another machine's Codex key: the label is taken, so it gets its own.
+    write_json(source, {"OPENAI_API_KEY": "sk-codex-key-0002"})
+    assert import_accounts(source, "codex", target) == ["added: openai api_key codex-api-key-2"]
+    assert import_accounts(source, "codex", target) == ["unchanged: openai api_key codex-api-key-2"]

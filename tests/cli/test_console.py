@@ -82,6 +82,30 @@ async def test_status_and_which_find_the_proxy_through_its_config(proxy: ProxyFa
     assert f"at http://127.0.0.1:{port}," in out
 
 
+async def test_which_without_a_provider_shows_every_provider_and_names_the_flag(proxy: ProxyFactory) -> None:
+    """Two providers with credentials: no error about a query parameter, the order in each of them."""
+    account = {"type": "oauth", "label": "acct", "access": "at-console-0001", "refresh": "rt-console-0001"}
+    p = await proxy({**keys(*KEYS), "openai-codex": [{**account, "accountId": "acct-1"}]})
+    code, out, err = await credproxy("which", "--url", p.url, "--session", "my-session")
+    assert code == 0, err
+    assert "provider=" not in out + err
+    first = fnv1a_utf16("my-session") % 2
+    blocks = out.split("\n\n")
+    assert blocks[0].splitlines()[0].endswith("on provider openai (selector: hashed):")
+    assert blocks[0].splitlines()[2].split()[:2] == ["1", f"openai#{first + 1}"]
+    assert blocks[1].splitlines()[0].endswith("on provider openai-codex (selector: hashed):")
+    assert blocks[1].splitlines()[2].split()[:2] == ["1", "acct"]
+    assert blocks[2] == "(--provider NAME shows one provider)\n"
+
+    code, out, _ = await credproxy("which", "--url", p.url, "--session", "my-session", "--json")
+    assert code == 0
+    assert [doc["provider"] for doc in orjson.loads(out)] == ["openai", "openai-codex"]
+    code, out, _ = await credproxy("which", "--url", p.url, "--session", "my-session", "--provider", "openai-codex")
+    assert code == 0
+    assert "on provider openai-codex" in out
+    assert "on provider openai " not in out
+
+
 def test_an_unreachable_proxy_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
     out, err = capsys.readouterr()
@@ -215,6 +239,24 @@ def test_usage_text_names_windows_by_length() -> None:
         f"5h 12.5% (resets {table.local_time(NOW + 60)[11:]}), 7d 5%, gpt-5 5h 1%, odd 1%"
     )
     assert usage_text(None, NOW) == "-"
+
+
+def test_usage_text_of_an_anthropic_key_names_a_shared_reset_once() -> None:
+    reset = NOW + 45
+    usage = {
+        "windows": [
+            {"name": "requests", "used_percent": 2.0, "window_minutes": None, "resets_at": reset},
+            {"name": "tokens", "used_percent": 100.0, "window_minutes": None, "resets_at": reset},
+            {"name": "input-tokens", "used_percent": 0.01, "window_minutes": None, "resets_at": reset},
+            {"name": "output-tokens", "used_percent": 0.03, "window_minutes": None, "resets_at": reset},
+        ]
+    }
+    at = table.local_time(reset)[11:]
+    assert usage_text(usage, NOW) == (
+        f"requests 2%, tokens 100%, input-tokens 0.01%, output-tokens 0.03% (all reset {at})"
+    )
+    usage["windows"][3]["resets_at"] = None
+    assert usage_text(usage, NOW).endswith(f"input-tokens 0.01% (resets {at}), output-tokens 0.03%")
 
 
 def test_which_says_when_nothing_can_serve() -> None:

@@ -6,9 +6,12 @@ import asyncio
 import re
 import signal
 import sys
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import aiohttp
+
+from proxy.cli.demo import LABELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +53,9 @@ async def test_the_demo_plays_the_scenario_and_exits_0() -> None:
     assert "demo-refresh-" not in text
 
 
-async def test_keep_running_serves_until_interrupted() -> None:
+async def test_keep_running_serves_on_the_real_clock_until_interrupted() -> None:
+    """After the scenario the demo's clock is the real one: a 429's ``resets_at`` agrees with its ``Date``
+    (it was an hour ahead, from the simulated clock), and no block of the scenario is still in force."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -79,6 +84,16 @@ async def test_keep_running_serves_until_interrupted() -> None:
                 assert r.status == 200
                 assert r.headers["x-credproxy-attempts"] == "2"
                 assert r.headers["x-credproxy-credential"] != limit.group(1)
+            headers["x-demo-limit"] = ",".join(LABELS)
+            async with session.post(f"{url.group(1)}/codex/responses", json={"model": "m"}, headers=headers) as r:
+                assert r.status == 429
+                date = parsedate_to_datetime(r.headers["Date"]).timestamp()
+                error = (await r.json())["error"]
+                assert error["type"] == "usage_limit_reached"
+                assert date + 540 <= error["resets_at"] <= date + 660  # the fake's 600 s, on the same clock
+                assert 540 <= int(r.headers["Retry-After"]) <= 600
+            async with session.get(f"{url.group(1)}/_credproxy/status") as r:
+                assert abs((await r.json())["now"] - parsedate_to_datetime(r.headers["Date"]).timestamp()) < 60
     finally:
         process.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(process.communicate(), 30)

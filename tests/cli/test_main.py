@@ -53,6 +53,24 @@ async def test_serve_proxies_logs_one_line_per_request_and_stops_on_sigterm(tmp_
     assert "Traceback" not in log
 
 
+async def test_serve_warns_at_start_about_a_provider_without_credentials(tmp_path: Path, fake: FakeUpstream) -> None:
+    """As `credproxy check` does: openai-codex is configured but the file holds only an API key."""
+    write_json(tmp_path / "auth.json", keys(CANARY))
+    config = write_json(
+        tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
+    )
+    serving = await start_serve(config)
+    code, log = await stop_serve(serving)
+    assert code == 0
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, log
+    assert warnings[0].endswith(
+        f"provider openai-codex has no credentials in {tmp_path / 'auth.json'}: it answers 503 to every request "
+        "until some are added (the file is re-read when it changes)"
+    )
+    assert fake.records == []
+
+
 @pytest.mark.parametrize(("chosen", "expected"), [(None, "malloc"), ("pymalloc", "pymalloc")])
 async def test_serve_runs_on_the_system_allocator_unless_one_is_chosen(
     tmp_path: Path, fake: FakeUpstream, chosen: str | None, expected: str
@@ -117,7 +135,11 @@ async def test_a_corrupt_credentials_file_refuses_to_start_without_printing_it(
 
 def test_the_example_config_is_valid() -> None:
     config = load_config(ROOT / "config.example.json")
-    assert [p.name for p in config.providers] == ["openai", "openai-codex"]
+    assert [(p.name, p.kind) for p in config.providers] == [
+        ("openai", "openai"),
+        ("openai-codex", "codex"),
+        ("anthropic", "anthropic"),
+    ]
     assert config.listen.host == "127.0.0.1"
 
 

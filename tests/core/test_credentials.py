@@ -104,7 +104,7 @@ def test_parse_credentials(
 def test_api_key_credential_in_full() -> None:
     (cred,) = parse({"openai": api_key(SECRET_KEY, label="main")})["openai"]
     assert cred == Credential("openai", "main", "main", "api_key", Secret(SECRET_KEY), 0)
-    assert cred.auth_headers() == (("Authorization", f"Bearer {SECRET_KEY}"),)
+    assert cred.auth_headers("openai") == (("Authorization", f"Bearer {SECRET_KEY}"),)
     assert (cred.refresh, cred.expires_ms, cred.account_id) == (None, None, None)
 
 
@@ -113,13 +113,57 @@ def test_oauth_credential_in_full() -> None:
     assert cred.token == Secret(f"eyJ-access-{MARKER}-1")
     assert cred.refresh == Secret(f"rt-{MARKER}-1")
     assert cred.expires_ms == 1767225600000
-    assert cred.auth_headers() == (
+    assert cred.auth_headers("codex") == (
         ("Authorization", f"Bearer eyJ-access-{MARKER}-1"),
         ("chatgpt-account-id", "acct-1"),
     )
     (no_account,) = parse({"openai-codex": oauth(1, accountId=None, expires=None)})["openai-codex"]
-    assert no_account.auth_headers() == (("Authorization", f"Bearer eyJ-access-{MARKER}-1"),)
+    assert no_account.auth_headers("codex") == (("Authorization", f"Bearer eyJ-access-{MARKER}-1"),)
     assert no_account.expires_ms is None
+
+
+ANTHROPIC_KEY = f"sk-ant-api03-{MARKER}-0123456789"
+KINDS = {"openai": "openai", "anthropic": "anthropic", "claude": "anthropic"}
+
+
+def test_an_anthropic_key_is_presented_as_x_api_key_and_nothing_else() -> None:
+    doc = {"anthropic": [api_key(ANTHROPIC_KEY, label="team-a")]}
+    (cred,) = parse_credentials(FILE, doc, ["anthropic"], KINDS)["anthropic"]
+    assert (cred.label, cred.kind, cred.token) == ("team-a", "api_key", Secret(ANTHROPIC_KEY))
+    assert cred.auth_headers("anthropic") == (("x-api-key", ANTHROPIC_KEY),)
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        # pi's auth.json keeps a Claude Pro/Max login as an oauth entry.
+        (oauth(1), "anthropic"),
+        ([api_key(ANTHROPIC_KEY), oauth(1)], "anthropic[1]"),
+        # The same login's access token filed as if it were an API key.
+        (api_key(f"sk-ant-oat01-{MARKER}-abc"), "anthropic"),
+        ({"type": "oauth", "access": f"sk-ant-oat01-{MARKER}", "refresh": f"sk-ant-ort01-{MARKER}"}, "anthropic"),
+    ],
+)
+@pytest.mark.parametrize("provider", ["anthropic", "claude"])
+def test_claude_subscription_logins_are_refused_with_the_reason(entry: object, where: str, provider: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_credentials(FILE, {provider: entry}, [provider], KINDS)
+    message = str(caught.value)
+    assert caught.value.key == where.replace("anthropic", provider)
+    assert "Claude subscription (Pro/Max) login" in message
+    assert "Anthropic's terms" in message
+    assert "third-party service" in message
+    assert "api_key" in message  # and what to use instead
+    assert MARKER not in message
+
+
+def test_subscription_logins_are_checked_only_for_anthropic_providers() -> None:
+    """An OpenAI provider named ``claude`` (kind openai), or no kinds given, parses as before."""
+    doc = {"claude": [oauth(1)], "anthropic": [oauth(2)]}
+    assert len(parse_credentials(FILE, doc, ["claude"], {"claude": "openai"})["claude"]) == 1
+    assert len(parse_credentials(FILE, doc, ["anthropic"])["anthropic"]) == 1
+    # A provider the config does not name is ignored, whatever it holds.
+    assert parse_credentials(FILE, doc, ["openai"], KINDS) == {"openai": ()}
 
 
 def test_ids_survive_reordering_but_derived_labels_do_not() -> None:

@@ -8,7 +8,9 @@ from proxy.core.guard import (
     BAD_HOST,
     BAD_ORIGIN,
     BAD_TOKEN,
+    CROSS_SITE,
     HTTP09,
+    NAVIGATION,
     NO_HOST,
     NOT_ORIGIN_FORM,
     Guard,
@@ -159,6 +161,21 @@ def test_client_tokens_are_compared_on_bytes_without_raising(
     assert guard.token_ok(authorization, header) is ok
 
 
+@pytest.mark.parametrize(
+    ("authorization", "api_key", "ok"),
+    [
+        (None, TOKEN, True),  # Claude Code's ANTHROPIC_API_KEY
+        ("Bearer dummy", TOKEN, True),  # Claude Code with both variables set sends both headers
+        (None, f"Bearer {TOKEN}", False),  # x-api-key carries the key itself, no scheme
+        (None, "sk-ant-api03-wrong", False),
+        (None, "\udcff" * 20, False),
+    ],
+)
+def test_a_client_token_in_x_api_key(authorization: str | None, api_key: str, ok: bool) -> None:
+    guard = Guard(tokens=(Secret(TOKEN),))
+    assert guard.token_ok(authorization, None, api_key) is ok
+
+
 def check(guard: Guard, **overrides: object) -> Refusal | None:
     request: dict[str, object] = {
         "version": (1, 1),
@@ -167,6 +184,8 @@ def check(guard: Guard, **overrides: object) -> Refusal | None:
         "origin": None,
         "authorization": f"Bearer {TOKEN}",
         "token": None,
+        "fetch_site": None,
+        "fetch_mode": None,
     }
     request.update(overrides)
     return guard.check(**request)  # type: ignore[arg-type]
@@ -194,6 +213,8 @@ def check(guard: Guard, **overrides: object) -> Refusal | None:
         ({"origin": "https://evil.example", "authorization": None}, BAD_ORIGIN),  # Origin before token
         ({"authorization": None}, BAD_TOKEN),
         ({"authorization": "Bearer nope"}, BAD_TOKEN),
+        ({"authorization": None, "api_key": TOKEN}, None),
+        ({"authorization": None, "api_key": "nope"}, BAD_TOKEN),
         ({"authorization": None, "raw_path": "/_credproxy/health"}, None),  # liveness needs no token
         ({"authorization": None, "raw_path": "/_credproxy/health?x=1"}, None),
         ({"authorization": None, "raw_path": "/_credproxy/health/x"}, BAD_TOKEN),
@@ -203,6 +224,39 @@ def check(guard: Guard, **overrides: object) -> Refusal | None:
     ],
 )
 def test_the_checks_and_their_order(overrides: dict[str, object], refusal: Refusal | None) -> None:
+    guard = Guard(allowed_origins=("http://localhost:3000",), tokens=(Secret(TOKEN),))
+    assert check(guard, **overrides) == refusal
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refusal"),
+    [
+        # <img src=http://127.0.0.1:8787/openai/models> on another site: no Origin, but Sec-Fetch-Site.
+        ({"fetch_site": "cross-site", "fetch_mode": "no-cors"}, CROSS_SITE),
+        ({"fetch_site": "same-site", "fetch_mode": "no-cors"}, CROSS_SITE),  # a page on localhost:3000
+        ({"fetch_site": "CROSS-SITE"}, CROSS_SITE),
+        ({"fetch_site": "cross-site", "authorization": None}, CROSS_SITE),  # before the token
+        ({"fetch_site": "cross-site", "host": "evil.example"}, BAD_HOST),  # after the Host
+        # A link or script on another site that navigates to the status page.
+        ({"fetch_site": "cross-site", "fetch_mode": "navigate", "raw_path": "/_credproxy/status"}, CROSS_SITE),
+        ({"fetch_site": "cross-site", "raw_path": "/_credproxy/health"}, CROSS_SITE),
+        # The user typed the address: credproxy's own pages may be looked at, proxied paths are not served.
+        ({"fetch_site": "none", "fetch_mode": "navigate", "raw_path": "/_credproxy/status"}, None),
+        ({"fetch_site": "none", "fetch_mode": "navigate", "raw_path": "/_credproxy/health"}, None),
+        ({"fetch_site": "none", "fetch_mode": "navigate"}, NAVIGATION),
+        ({"fetch_site": "none", "fetch_mode": "Navigate", "raw_path": "/openai/models"}, NAVIGATION),
+        ({"fetch_mode": "navigate", "raw_path": "/%5Fcredproxy/status"}, NAVIGATION),  # spelled otherwise: proxied
+        ({"fetch_site": "same-origin", "fetch_mode": "cors"}, None),
+        ({"fetch_site": "none", "fetch_mode": "no-cors"}, None),
+        # An allowed page's fetch(): its Origin decides; a navigation from it is still refused.
+        ({"origin": "http://localhost:3000", "fetch_site": "same-site", "fetch_mode": "cors"}, None),
+        ({"origin": "http://localhost:3000", "fetch_site": "cross-site", "fetch_mode": "navigate"}, NAVIGATION),
+        ({"origin": "http://evil.example", "fetch_site": "cross-site"}, BAD_ORIGIN),
+        # Probes and API clients send no Sec-Fetch-* header.
+        ({"authorization": None, "raw_path": "/_credproxy/health"}, None),
+    ],
+)
+def test_browser_requests_without_an_allowed_origin(overrides: dict[str, object], refusal: Refusal | None) -> None:
     guard = Guard(allowed_origins=("http://localhost:3000",), tokens=(Secret(TOKEN),))
     assert check(guard, **overrides) == refusal
 

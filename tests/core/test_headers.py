@@ -17,6 +17,8 @@ KEPT: Headers = [("Content-Type", "application/json"), ("Accept", "text/event-st
         ("Authorization", "Bearer sk-client"),
         ("authorization", "Bearer sk-client"),
         ("AUTHORIZATION", "Basic dXNlcjpwYXNz"),
+        ("x-api-key", "sk-ant-client"),
+        ("X-Api-Key", "dummy"),
         ("Cookie", "session=abc"),
         ("ChatGPT-Account-Id", "acct-client"),
         ("chatgpt-account-id", "acct-client"),
@@ -66,6 +68,12 @@ def test_client_headers_that_never_reach_the_upstream(name: str, value: str) -> 
         ("X-Forwarded", "not a prefix match of x-forwarded-"),
         ("X-Credproxy", "not a prefix match of x-credproxy-"),
         ("Authorization-Hint", "only the exact name is dropped"),
+        # Anthropic's version and feature flags, and Claude Code's own headers, pass.
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "claude-code-20250219,interleaved-thinking-2025-05-14"),
+        ("anthropic-dangerous-direct-browser-access", "true"),
+        ("X-Claude-Code-Session-Id", "b3d856ac-2350-4950-a43c-e78d4e5ab476"),
+        ("x-app", "cli"),
     ],
 )
 def test_other_client_headers_pass_unchanged(name: str, value: str) -> None:

@@ -267,7 +267,28 @@ def test_session_id_from_headers(headers: dict[str, str], expected: str | None) 
 
 
 def test_session_headers_are_consulted_in_the_documented_order() -> None:
-    assert SESSION_HEADERS == ("x-session-id", "session-id", "session_id", "thread-id", "conversation_id")
+    assert SESSION_HEADERS == (
+        "x-session-id",
+        "x-claude-code-session-id",
+        "session-id",
+        "session_id",
+        "thread-id",
+        "conversation_id",
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-claude-code-session-id": "b3d856ac-2350-4950"}, "b3d856ac-2350-4950"),
+        # After X-Session-Id (a client's explicit choice), before the Codex and pi headers.
+        ({"x-session-id": "mine", "x-claude-code-session-id": "cc"}, "mine"),
+        ({"x-claude-code-session-id": "cc", "session-id": "codex", "session_id": "pi"}, "cc"),
+        ({"x-claude-code-session-id": " ", "session-id": "codex"}, "codex"),
+    ],
+)
+def test_claude_codes_session_header(headers: dict[str, str], expected: str) -> None:
+    assert session_id_from(headers, MAX) == expected
 
 
 @pytest.mark.parametrize(
@@ -276,6 +297,7 @@ def test_session_headers_are_consulted_in_the_documented_order() -> None:
         ("X-Session-Id", "s1"),
         ("X-SESSION-ID", "s1"),
         ("Session-Id", "s1"),
+        ("X-Claude-Code-Session-Id", "s1"),
         ("Thread-Id", "s1"),
         ("Conversation_Id", "s1"),
     ],

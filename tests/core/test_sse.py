@@ -209,7 +209,9 @@ def test_without_a_marker_in_the_chunk_nothing_is_parsed(monkeypatch: pytest.Mon
 DELTA_WITH_MARKERS = b'{"type":"response.output_text.delta","delta":"response.failed {\\"error\\" codex.rate_limits"}'
 
 
-@pytest.mark.parametrize("name", [b"response.output_text.delta", b"response.function_call_arguments.delta"])
+@pytest.mark.parametrize(
+    "name", [b"response.output_text.delta", b"response.function_call_arguments.delta", b"content_block_delta"]
+)
 def test_a_chunk_that_is_one_delta_event_is_not_searched(monkeypatch: pytest.MonkeyPatch, name: bytes) -> None:
     """Most of a stream is one delta per chunk: it is passed on without a marker search, even when
     the generated text quotes a marker (a delta is never a limit or usage event)."""

@@ -8,16 +8,21 @@ reach it. Requests a client library would not send go over a raw socket.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from proxy.app import known_secrets
+from proxy.config import Logging
 from proxy.core.guard import Guard
 from proxy.core.secret import Secret
+from proxy.observe import logs
 from proxy.observe.logs import RedactingFilter
 from proxy.testing.fake_upstream import FakeUpstream, ok
 from tests.conftest import ProxyFactory, RunningProxy, keys
@@ -359,3 +364,88 @@ def test_the_log_filter_masks_client_tokens_that_have_no_known_shape() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "client sent %s", (custom,), None)
     assert RedactingFilter(known=guard.secrets).filter(record)
     assert custom not in record.getMessage()
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """credproxy's own text log (``logs.configure``), restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access_level = logging.getLogger("aiohttp.access").level
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(access_level)
+
+
+async def test_a_path_cannot_forge_a_log_line_or_reach_the_terminal(
+    proxy: ProxyFactory, fake: FakeUpstream, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """Refused without a token, refused by Host, and served: every line the requests cause is one line,
+    its control bytes shown as \\xNN."""
+    p = await with_tokens(proxy, tmp_path)
+    handler = logs.configure(Logging(), known=known_secrets(p.app), stream=log_stream)
+    forged = "%0a2026-01-01%2000:00:00,000%20INFO%20credproxy.access%20forged%1b[2J%7f"
+    attempts = [
+        request("GET", f"/openai/models{forged}", "Host: 127.0.0.1"),
+        request("GET", f"/_credproxy/status{forged}", "Host: evil.example"),
+        # No %0a here: aiohttp's router matches no route for a path with a line break (a plain 404, no log).
+        request("GET", "/openai/models%1b[2J%7f", "Host: 127.0.0.1", f"Authorization: Bearer {TOKEN}"),
+    ]
+    answers = [await raw_exchange(p, data) for data in attempts]
+    assert [status_of(a) for a in answers] == [401, 403, 200], answers
+    assert [r.target for r in fake.records] == ["/v1/models%1b[2J%7f"]  # forwarded as sent
+    handler.flush()
+    text = log_stream.getvalue()
+    lines = text.splitlines()
+    assert len([line for line in lines if "/openai/models" in line or "/_credproxy/status" in line]) == 3
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+    assert all(line.isprintable() for line in lines)
+    assert "\x1b" not in text
+
+
+IMG = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+LINK = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+TYPED = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "code"),
+    [
+        ("/openai/models", IMG, "cross_site_request"),  # <img src=http://127.0.0.1:8787/openai/models>
+        ("/openai/models", {**IMG, "Sec-Fetch-Site": "same-site"}, "cross_site_request"),  # from localhost:3000
+        ("/_credproxy/status", LINK, "cross_site_request"),  # a top-level navigation from another site
+        ("/_credproxy/which?session=s", LINK, "cross_site_request"),
+        ("/_credproxy/health", IMG, "cross_site_request"),
+        ("/openai/models", TYPED, "navigation_refused"),  # even typed: no model API client navigates
+        ("/openai/models", {**LINK, "Sec-Fetch-Site": "same-origin"}, "navigation_refused"),
+    ],
+)
+async def test_a_page_without_origin_is_refused_by_its_sec_fetch_headers(
+    proxy: ProxyFactory, fake: FakeUpstream, path: str, headers: dict[str, str], code: str
+) -> None:
+    """No token configured (the default): nothing but these headers tells the page's request apart."""
+    p = await proxy(keys(*KEYS))
+    async with p.get(path, headers=headers) as r:
+        assert r.status == 403
+        assert (await r.json())["error"]["code"] == code
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+    assert untouched(fake)
+
+
+async def test_probes_api_clients_and_a_typed_admin_address_still_pass(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(keys(*KEYS))
+    for path, headers in [
+        ("/_credproxy/health", {}),  # a probe sends no Sec-Fetch-* header
+        ("/_credproxy/health", TYPED),
+        ("/_credproxy/status", TYPED),
+        ("/openai/models", {}),
+        ("/openai/models", {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}),
+    ]:
+        async with p.get(path, headers=headers) as r:
+            assert r.status == 200, (path, headers)
+    assert [r.path for r in fake.records] == ["/v1/models", "/v1/models"]

@@ -2,7 +2,8 @@
 
 Every token and refresh token in the pool is a canary. Traffic covers a success, an SSE stream, a
 replay after a 429, a 401 that disables a key, every credential blocked (429 from the proxy), an
-OAuth account (usage endpoint, account header) and a malformed request whose header holds a canary.
+OAuth account (usage endpoint, account header), Anthropic keys (sent as ``x-api-key``: success,
+stream, replay, disable, usage windows, all blocked) and a malformed request whose header holds a canary.
 Then the canaries are searched for in every log line (every logger, DEBUG and up, text and JSON),
 every response body and header, the status and ``which`` JSON and the metrics text.
 """
@@ -15,20 +16,33 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
+from aiohttp import web
 
 from proxy.app import known_secrets, make_app
 from proxy.config import Logging, load_config
+from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.observe import logs
-from proxy.testing.fake_upstream import FakeUpstream, rate_limit, unauthorized, usage_limit
-from tests.conftest import ProxyFactory, RunningProxy, write_json
+from proxy.testing import fake_anthropic
+from proxy.testing.fake_upstream import (
+    FakeUpstream,
+    Recorded,
+    Responder,
+    json_body,
+    rate_limit,
+    unauthorized,
+    usage_limit,
+)
+from tests.conftest import ProxyFactory, RunningProxy, default_providers, run_credproxy, write_json
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
 CANARY_ACCESS = "canaryACCESSdelta5a1f"
 CANARY_REFRESH = "canaryREFRESHecho0c7e"
-CANARIES = (*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH)
+CANARY_ANTHROPIC = ("canaryANTHROPIChotel4e1d", "canaryANTHROPICindia7c2b", "canaryANTHROPICjuliet05")
+CANARIES = (*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH, *CANARY_ANTHROPIC)
 SID = "canary-session"
 FIRST = fnv1a_utf16(SID) % 3
 
@@ -73,7 +87,12 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
         {
             "openai": keys,
             "openai-codex": [account, {**account, "access": "x" * 20, "refresh": "y" * 20, "accountId": "acct-2"}],
-        }
+            "anthropic": [{"type": "api_key", "key": k} for k in CANARY_ANTHROPIC],
+        },
+        providers={
+            **default_providers(fake),
+            "anthropic": {"mount": "/anthropic", "upstream": f"http://127.0.0.1:{fake.port}"},
+        },
     )
     stream = io.StringIO()
     logs.configure(Logging(format=fmt, level="debug"), known=known_secrets(p.app), stream=stream)
@@ -94,6 +113,22 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
     assert await seen.call(p, "POST", "/codex/responses", json=body) == 429
     assert await seen.call(p, "GET", "/openai/models", headers={"Authorization": "Bearer client-own-token"}) == 429
 
+    # Anthropic keys: success, stream, a 429 replayed, a 401 that disables one, the last one limited.
+    fake.reset_rules()
+    message = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    claude = {"x-api-key": "client-dummy", "anthropic-version": "2023-06-01", "X-Claude-Code-Session-Id": SID}
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 200
+    streamed = {**message, "stream": True}
+    assert await seen.call(p, "POST", "/anthropic/v1/messages?beta=true", json=streamed, headers=claude) == 200
+    fake.on(fake_anthropic.rate_limit(retry_after=30), token=CANARY_ANTHROPIC[FIRST], times=1)
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 200
+    fake.on(
+        fake_anthropic.error(401, "authentication_error", "invalid x-api-key"), token=CANARY_ANTHROPIC[(FIRST + 1) % 3]
+    )
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=streamed, headers=claude) == 200
+    fake.on(fake_anthropic.rate_limit(retry_after=600), token=CANARY_ANTHROPIC[(FIRST + 2) % 3])
+    assert await seen.call(p, "POST", "/anthropic/v1/messages", json=message, headers=claude) == 429
+
     # A malformed request whose overlong header starts with a canary: aiohttp's 400 quotes the start of
     # the line back to the client that sent it (its own bytes, so not kept in `seen`); the log must not.
     host, port = p.url.removeprefix("http://").split(":")
@@ -105,14 +140,21 @@ async def test_no_canary_in_logs_responses_status_or_metrics(proxy: ProxyFactory
 
     label = f"openai%23{FIRST + 1}"
     assert await seen.call(p, "POST", f"/_credproxy/credentials/{label}/unblock") == 200
-    for path in ("/_credproxy/status", "/_credproxy/metrics", f"/_credproxy/which?session={SID}&provider=openai"):
+    for path in (
+        "/_credproxy/status",
+        "/_credproxy/metrics",
+        f"/_credproxy/which?session={SID}&provider=openai",
+        f"/_credproxy/which?session={SID}&provider=anthropic",
+    ):
         assert await seen.call(p, "GET", path) == 200
 
     # The traffic really used the canaries, and the logs really saw the requests.
-    assert set(fake.tokens()) >= set(CANARY_KEYS) | {CANARY_ACCESS}
+    assert set(fake.tokens()) >= set(CANARY_KEYS) | {CANARY_ACCESS} | set(CANARY_ANTHROPIC)
     assert any(r.token == CANARY_ACCESS for r in fake.control)  # the usage endpoint was asked with the account
     log_text = stream.getvalue()
     assert log_text.count("/openai/responses") >= 5
+    assert log_text.count("/anthropic/v1/messages") >= 5
+    assert "anthropic-ratelimit" in "\n".join(seen.parts)  # the windows reached the client (and status)
     assert "limited" in log_text
     assert "disabled" in log_text
     assert "refused a malformed request: LineTooLong" in log_text
@@ -150,3 +192,101 @@ def test_the_redis_password_and_client_tokens_are_masked_in_every_log_line(tmp_p
     assert written.count("***") >= 5
     for secret in (password, client_token, CANARY_KEYS[0]):
         assert secret not in written
+
+
+def reflect(status: int, reason: str | None = None, padding: int = 0) -> Responder:
+    """An upstream that hands back what it was sent: the Authorization header, and the key in its error body."""
+
+    async def respond(request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
+        auth = recorded.header("authorization") or ""
+        body = {
+            "error": {
+                "message": f"Incorrect API key provided: {recorded.token}; also sk-notOurs0123456789",
+                "type": "invalid_request_error",
+                "code": auth,
+                "padding": "x" * padding,
+            }
+        }
+        headers = {"X-Echo-Authorization": auth, "X-Request-Id": "req_123"}
+        return web.Response(
+            status=status, reason=reason, body=orjson.dumps(body), content_type="application/json", headers=headers
+        )
+
+    return respond
+
+
+async def test_an_upstream_that_reflects_the_credential_hands_the_client_none(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """Headers, the reason phrase and a buffered error body are masked; Content-Length follows; the
+    upstream did get the real key. A 200's body is a committed stream: relayed as is (README)."""
+    p = await proxy({"openai": [{"type": "api_key", "key": CANARY_KEYS[0]}]})
+    fake.on(reflect(200), path="/models")
+    fake.on(reflect(400, reason=f"Bad {CANARY_KEYS[0]}"), path="/responses")
+    fake.on(reflect(404, padding=300 * 1024), path="/files")  # larger than the error body buffer
+
+    async with p.post("/openai/responses", json={"model": "m"}) as r:
+        body = await r.read()
+        assert r.status == 400
+        assert r.reason == "Bad ***"
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert r.headers["X-Request-Id"] == "req_123"
+        assert int(r.headers["Content-Length"]) == len(body)
+        error = orjson.loads(body)["error"]
+        assert error["message"] == "Incorrect API key provided: ***; also ***"
+        assert error["code"] == "Bearer ***"
+    async with p.get("/openai/models") as r:
+        assert r.status == 200
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert CANARY_KEYS[0] in (await r.read()).decode()  # a committed stream is not rewritten
+    async with p.get("/openai/files") as r:
+        body = await r.read()
+        assert r.status == 404
+        assert r.headers["X-Echo-Authorization"] == "Bearer ***"
+        assert "Content-Length" not in r.headers  # the rest followed unbuffered: chunked
+        assert CANARY_KEYS[0] not in body.decode()
+        assert len(orjson.loads(body)["error"]["padding"]) == 300 * 1024
+    assert [r.token for r in fake.records] == [CANARY_KEYS[0]] * 3
+
+
+async def test_status_shows_codes_never_the_upstreams_text(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    """An error code that echoes the key, a token endpoint that quotes the refresh token: neither reaches
+    status (JSON or `credproxy status`), the state view or the state file; the codes that can be read do."""
+    expiring = int((clock.time() + 120) * 1000)  # inside the refresh margin, still valid: served after the failure
+    account = {"type": "oauth", "label": "acct", "access": CANARY_ACCESS, "refresh": CANARY_REFRESH}
+    p = await proxy(
+        {
+            "openai": [{"type": "api_key", "label": k[9:14], "key": k} for k in CANARY_KEYS[:2]],
+            "openai-codex": [{**account, "expires": expiring, "accountId": "acct-canary"}],
+        }
+    )
+    fake.control_routes["/oauth/token"] = json_body(
+        400, {"error": f"invalid_grant: refresh_token {CANARY_REFRESH} is not valid"}
+    )
+    fake.on(json_body(429, {"error": {"code": f"Bearer {CANARY_KEYS[0]}"}}), token=CANARY_KEYS[0])
+    fake.on(json_body(400, {"error": {"code": f"{CANARY_KEYS[1]}", "message": "no"}}), token=CANARY_KEYS[1])
+    async with p.post("/openai/responses", json={"model": "m"}, headers={"session-id": "s"}) as r:
+        assert r.status == 400
+    async with p.post("/codex/responses", json={"model": "m"}) as r:
+        assert r.status == 200
+    assert any(r.path.endswith("/oauth/token") for r in fake.control)
+
+    async with p.get("/_credproxy/status") as r:
+        status = (await r.read()).decode()
+    async with p.get("/_credproxy/state") as r:
+        state = (await r.read()).decode()
+    code, printed, err = await run_credproxy("status", "--url", p.url)
+    assert code == 0, err
+    await p.stop()  # the state file is written
+    state_file = (p.credentials_file.parent / "auth.state.json").read_text()
+    for canary in CANARIES:
+        for text in (status, state, printed, state_file):
+            assert canary not in text, canary
+    creds = {c["label"]: c for prov in orjson.loads(status)["providers"] for c in prov["credentials"]}
+    assert creds["alpha"]["last_error"] == "unrecognised_error"
+    assert creds["alpha"]["reason"] == "unrecognised_error"
+    assert creds["bravo"]["last_error"] == "unrecognised_error"
+    assert creds["acct"]["last_error"] == "refresh_failed:invalid_grant"
+    assert "refresh_failed:invalid_grant" in printed

@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -28,6 +29,8 @@ from proxy.core.pool import Pool
 from proxy.core.secret import _PATTERNS, Secret, redact, redact_each
 from proxy.observe import logs
 from proxy.observe.record import RequestRecord
+from proxy.testing.fake_upstream import FakeUpstream, rate_limit
+from tests.conftest import ProxyFactory
 
 POOL_SECRET = "poolSECRETnoShape0123"  # no known shape: only the pool's knowledge can mask it
 CLIENT_TOKEN = "cpx_client-token-0123456789"
@@ -175,6 +178,52 @@ def test_a_traceback_is_redacted_like_the_message(stream: Writes, fmt: str) -> N
     assert "Traceback (most recent call last)" in traceback
     assert "ValueError: the upstream echoed *** and ***" in traceback
     assert "request failed for openai#1" in line
+
+
+def test_client_text_is_escaped_in_text_lines_both_ways(stream: Writes) -> None:
+    """A decoded ``%0a`` cannot start a forged line, nor ``%1b[2J`` reach the terminal; a traceback keeps
+    its own line breaks."""
+    forged = "\n2026-01-01 00:00:00,000 INFO credproxy.access forged\x1b[2J\x00\x7f\x85\u2028\udcff"
+    direct, through_logging = both_ways(stream, logs.AccessLog(), record(path=f"/openai/x{forged}", error=forged))
+    for text in (direct, through_logging):
+        [line] = text.splitlines()
+        assert "/openai/x\\x0a2026-01-01 00:00:00,000 INFO credproxy.access forged\\x1b[2J\\x00\\x7f\\x85" in line
+        assert "\\u2028\\udcff" in line
+        assert line.isprintable()
+    stream.seek(0)
+    stream.truncate()
+    handler = configure(stream)
+    log = logging.getLogger("credproxy.test")
+    log.warning("refused GET %s", f"/x{forged}")
+    try:
+        raise ValueError(f"bad path /x{forged}")
+    except ValueError:
+        log.exception("failed on %s", "/y\x1b[2J")
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert [line[24:] for line in lines if line[:1].isdigit()] == [
+        "WARNING credproxy.test refused GET /x\\x0a2026-01-01 00:00:00,000 INFO credproxy.access "
+        "forged\\x1b[2J\\x00\\x7f\\x85\\u2028\\udcff",
+        "ERROR credproxy.test failed on /y\\x1b[2J",
+    ]
+    assert "Traceback (most recent call last):" in lines
+    assert "ValueError: bad path /x\\x0a2026-01-01" in stream.getvalue()
+    assert all(line.isprintable() for line in lines)
+
+
+async def test_a_block_is_logged_with_a_readable_time_and_the_seconds_left(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="credproxy")
+    fake.on(rate_limit(headers={"retry-after": "90"}), token="sk-test-alpha-0001")
+    p = await proxy({"openai": [{"type": "api_key", "label": "alpha", "key": "sk-test-alpha-0001"}]})
+    async with p.post("/openai/responses", json={"model": "m"}) as r:
+        assert r.status == 429
+    [line] = [r.getMessage() for r in caplog.records if r.name == "credproxy"]
+    until = datetime.fromtimestamp(clock.time() + 90).astimezone().isoformat(timespec="seconds")
+    expected = f"credential alpha limited (rate_limit_exceeded) until {until}, in 90 s (from retry-after)"
+    assert line == f"{expected}; trying the next one"
+    assert f"{clock.time() + 90:.0f}" not in line
 
 
 def test_a_caplog_style_handler_sees_the_access_records(stream: Writes) -> None:

@@ -7,10 +7,12 @@ now, instead of waiting for its poll interval.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 
 import orjson
+import pytest
 
 from proxy.app import SYNC
 from proxy.core.clock import ManualClock
@@ -124,6 +126,25 @@ async def test_credentials_edited_by_hand_take_effect_without_a_restart(
     assert [c.token.reveal() for c in p.pool.credentials("openai")] == [KEYS[1]]
     await ask(p)
     assert fake.tokens()[-1] == KEYS[1]
+
+
+async def test_a_fixed_credentials_file_is_logged_as_usable_again(
+    proxy: ProxyFactory, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="credproxy.sync")
+    p = await proxy(keys(*KEYS))
+    sync = p.app[SYNC]
+    good = p.credentials_file.read_bytes()
+    p.credentials_file.write_bytes(b'{"openai": [{"type": "api_key", "key": ')
+    await sync.step()
+    p.credentials_file.write_bytes(good)  # the same credentials: nothing is added or removed
+    await sync.step()
+    lines = [r.getMessage() for r in caplog.records if r.name == "credproxy.sync"]
+    assert len(lines) == 2
+    assert lines[0].startswith("the credentials file changed but cannot be used")
+    assert lines[1] == "the credentials file is usable again: serving its 2 credentials"
+    assert sync.status()["credentials_file_error"] == ""
+    assert (await ask(p))[0] == 200
 
 
 async def test_state_of_a_credential_follows_it_when_the_file_is_reordered(
