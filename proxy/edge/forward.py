@@ -271,18 +271,20 @@ class Forwarder:
             record.outcome = "upstream_status"
             self._pool.failed(cred, commit.verdict.reason)
 
-    def _carry_out(self, effects: Sequence[Command]) -> None:
-        """The plan's effects on the pool, for the request path and late stream events alike."""
+    def _carry_out(self, effects: Sequence[Command], then: str = "; trying the next one") -> None:
+        """The plan's effects on the pool, for the request path and late stream events alike (``then``
+        ends a block's log line: what happens to the request)."""
         for effect in effects:
             if type(effect) is Block:
                 verdict = effect.verdict
                 self._pool.block(effect.cred, verdict)
                 log.info(
-                    "credential %s limited (%s) until %s (from %s)",
+                    "credential %s limited (%s) until %s (from %s)%s",
                     effect.cred.label,
                     verdict.reason,
                     readable_until(verdict.until, self._clock.time()),
                     verdict.source,
+                    then,
                 )
             elif type(effect) is Disable:
                 self._pool.disable(effect.cred, effect.reason)
@@ -460,7 +462,8 @@ class Forwarder:
         for data in events:
             info = error_info(parse_json(data))
             if info is not None and info.code in LIMIT_CODES:
-                self._carry_out(stream_event(cred, self._limit_verdict(info, _NO_HEADERS, cred)))
+                verdict = self._limit_verdict(info, _NO_HEADERS, cred)
+                self._carry_out(stream_event(cred, verdict), "; said late in a stream already passed on")
         for hook in self.stream_event_hooks:
             hook(cred, events)
 
