@@ -550,7 +550,18 @@ RATE_LIMIT_WITHIN = openai_error(
         (401, ACCOUNT_DEACTIVATED, Verdict(Kind.UNAUTHORIZED, "account_deactivated")),
         (401, openai_error("This API key has been revoked.", None), Verdict(Kind.UNAUTHORIZED, "invalid_api_key")),
         (401, openai_error("Invalid API key.", None), Verdict(Kind.UNAUTHORIZED, "invalid_api_key")),
+        # protocol.md 13: Anthropic's 401 authentication_error is the key's.
+        (
+            401,
+            {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}},
+            Verdict(Kind.UNAUTHORIZED, "authentication_error"),
+        ),
         # Missing scopes or permissions: the request's -> ERROR, passed through, never a disable.
+        (
+            401,
+            {"type": "error", "error": {"type": "permission_error", "message": "not allowed"}},
+            Verdict(Kind.ERROR, "permission_error"),
+        ),
         (401, MISSING_SCOPES, Verdict(Kind.ERROR, "insufficient_permissions")),
         (
             401,
