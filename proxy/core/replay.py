@@ -276,9 +276,6 @@ class ReplayPlan:
 
     # Events --------------------------------------------------------------------------------
 
-    def start(self, now: float) -> Commands:
-        return self._next(now, ())
-
     def prepared(self, cred: Credential | None, now: float) -> Commands:
         """``cred`` is ready (maybe with new tokens); ``None``: it cannot serve now, skip it."""
         if cred is None:
@@ -343,7 +340,7 @@ class ReplayPlan:
 
     # Rules ---------------------------------------------------------------------------------
 
-    def _next(self, now: float, effects: Commands) -> Commands:
+    def _next(self, now: float, effects: Commands = ()) -> Commands:
         """Effects, then the step for the next credential of the order that may serve now (rule 1)."""
         available = self._available
         for cred in self._order:
@@ -351,9 +348,14 @@ class ReplayPlan:
                 self._cred = cred
                 if self._custody and cred.kind == "oauth":
                     return (*effects, Prepare(cred))
+                if not self._account_bound:  # most providers: nothing to drop, whoever served last
+                    return (*effects, _new(Send, (cred, _KEEP, self._body)))
                 return (*effects, self._send(cred))
         self._cred = None
         return (*effects, *self._release(), EXHAUSTED)
+
+    #: ``start(now)``: the first step of the request.
+    start = _next
 
     def _send(self, cred: Credential) -> Send:
         """Rule 3: drop account-bound headers when the session moved to ``cred``."""
