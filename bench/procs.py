@@ -122,7 +122,14 @@ class Processes:
         self.stop_all()
 
     def start(
-        self, name: str, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 30.0
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 30.0,
     ) -> Running:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
@@ -132,6 +139,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
                 start_new_session=True,  # Ctrl-C in the terminal reaches the benchmark only; it stops these
             )
         running = Running(name, process, port, log)

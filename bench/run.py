@@ -57,6 +57,7 @@ class Target:
     sse_port: int = 0  # where its SSE streams go, when not ``port`` (direct: the SSE upstream)
     argv: list[str] = field(default_factory=list)  # the command; the port is appended
     make_argv: Callable[[int], list[str]] | None = None  # or a function of the port
+    cwd: Path | None = None  # where it runs (another checkout, for --baseline)
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -126,6 +127,9 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
     for name, settings in variants():
         config = credproxy_config(workdir, name, json_port, sse_port, settings)
         commands.append((name, [py, "-m", "proxy", "serve", "--config", str(config), "--port"]))
+    if args.baseline is not None:  # the default configuration of another checkout, run from its folder
+        config = credproxy_config(workdir, "baseline", json_port, sse_port, {})
+        commands.append(("baseline", [py, "-m", "proxy", "serve", "--config", str(config), "--port"]))
     if use_nginx:
         commands.append(("nginx-proxy", []))
     for name, argv in commands:
@@ -135,6 +139,8 @@ def start_all(procs: Processes, args: argparse.Namespace, nofile: int) -> tuple[
             target = Target(name, 0, "/v1/responses", "/v1/stream", "/v1/hold", argv=argv)
         else:
             target = Target(name, 0, "/openai/responses", "/sse/stream", "/sse/hold", argv=argv)
+        if name == "baseline":
+            target.cwd = args.baseline
         if name == "nginx-proxy":
             target.make_argv = lambda port: nginx.argv(nginx.proxy_config(workdir, port, json_port, sse_port, nofile))
         launch(procs, target)
@@ -148,7 +154,7 @@ def launch(procs: Processes, target: Target) -> None:
         procs.stop(target.proc)
     target.port = free_port()
     argv = target.make_argv(target.port) if target.make_argv else [*target.argv, str(target.port)]
-    target.proc = procs.start(target.name, argv, target.port)
+    target.proc = procs.start(target.name, argv, target.port, cwd=target.cwd)
 
 
 def sse_port_of(target: Target) -> int:
@@ -176,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1000, help="open slow streams for the memory figure")
     parser.add_argument("--idle-streams", type=int, default=10000, help="the many-idle-streams check (full mode)")
     parser.add_argument("--only", help="comma-separated configurations to run besides direct")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of main): its default configuration runs as 'baseline'",
+    )
     parser.add_argument("--no-nginx", action="store_true", help="use the Python fallback upstream even if nginx exists")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator even if wrk exists")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="where to write the JSON figures")

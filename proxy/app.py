@@ -26,10 +26,12 @@ from proxy.core.guard import Guard
 from proxy.core.headers import Headers
 from proxy.core.pool import Pool
 from proxy.core.secret import KnownSecrets
+from proxy.edge.aiohttp_server import expect_handler
+from proxy.edge.aiohttp_transport import AiohttpTransport
 from proxy.edge.fast_transport import FastTransport
 from proxy.edge.forward import Forwarder
-from proxy.edge.server import ProxyRunner
-from proxy.edge.transport import AiohttpTransport, Transport, UpstreamResponse
+from proxy.edge.server import Server
+from proxy.edge.transport import Transport, UpstreamResponse
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.storage.backend import STATE, make_backend, state_view
@@ -47,6 +49,7 @@ ACCOUNTS = web.AppKey("accounts", Accounts)
 SYNC = web.AppKey("sync", FileSync)
 GUARD = web.AppKey("guard", Guard)
 METRICS = web.AppKey("metrics", Metrics)
+ADMIN = web.AppKey("admin", Admin)
 
 TransportFactory = Callable[[Config], Transport]
 
@@ -119,7 +122,10 @@ def make_app(
     admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status)
     admin.views["state"] = lambda: state_view(pool, backend, clock.time())
     admin.install(app.router)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app[ADMIN] = admin
+    app.router.add_route(
+        "*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler(config.limits.max_body_bytes)
+    )
     return app
 
 
@@ -173,38 +179,28 @@ def known_secrets(app: web.Application) -> Callable[[], KnownSecrets]:
     return known
 
 
-#: Connections the kernel may hold for accepting (capped by net.core.somaxconn). aiohttp's default, 128,
-#: makes a burst of new connections (an agent fleet starting, a load test) wait for SYN retransmits.
-LISTEN_BACKLOG = 4096
-
-
-def make_runner(app: web.Application) -> web.AppRunner:
-    """The runner with the connection limits of the config and the request guard (see proxy/edge/server.py)."""
+def make_server(app: web.Application) -> Server:
+    """The listening server with the connection limits of the config and the request guard
+    (see proxy/edge/server.py); ``"server": "fast"`` answers on the fast server."""
     forwarder = app[FORWARDER]
-    serve = forwarder.serve if app[CONFIG].server == "fast" else None
-    return ProxyRunner(app, app[GUARD], app[CONFIG].limits, direct=forwarder.handle, serve=serve)
+    fast = (forwarder.serve, app[ADMIN].serve) if app[CONFIG].server == "fast" else None
+    return Server(app, app[GUARD], app[CONFIG].limits, direct=forwarder.handle, fast=fast)
 
 
-async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving ``app`` on ``host:port`` (0 picks a free port); returns the runner and the port.
+async def start(app: web.Application, host: str, port: int) -> tuple[Server, int]:
+    """Start serving ``app`` on ``host:port`` (0 picks a free port); returns the server and the port.
 
     A non-loopback ``host`` is refused unless client tokens are configured.
     """
     check_listen(app[CONFIG], host)
-    runner = make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
-    await site.start()
-    # asyncio.Server or uvloop's Server (not a subclass): both have ``sockets``.
-    sockets = getattr(site._server, "sockets", None)
-    if sockets:
-        port = sockets[0].getsockname()[1]
-    return runner, port
+    server = make_server(app)
+    port = await server.start(host, port)
+    return server, port
 
 
 async def serve(app: web.Application, host: str, port: int, ready: Callable[[str, int], None] | None = None) -> None:
     """Run ``app`` on ``host:port`` until SIGINT or SIGTERM."""
-    runner, port = await start(app, host, port)
+    server, port = await start(app, host, port)
     if ready is not None:
         ready(host, port)
     stop = asyncio.Event()
@@ -215,4 +211,4 @@ async def serve(app: web.Application, host: str, port: int, ready: Callable[[str
         await stop.wait()
     finally:
         log.info("shutting down")
-        await runner.cleanup()
+        await server.cleanup()

@@ -36,7 +36,7 @@ _SELECTORS = ("hashed", "rendezvous")
 _KINDS = ("openai", "codex", "anthropic")
 ANTHROPIC_HOST = "api.anthropic.com"
 _PREFIX = re.compile(r"[\x21-\x7e]{1,64}")
-#: Upstream transports (``proxy.edge.fast_transport`` and ``proxy.edge.transport``); the first is the default.
+#: Upstream transports (``proxy.edge.fast_transport`` and ``proxy.edge.aiohttp_transport``); the first is the default.
 TRANSPORTS = ("fast", "aiohttp")
 #: Servers for proxied requests (``proxy.edge.fast_server``, or aiohttp's for every request); the first is the default.
 SERVERS = ("fast", "aiohttp")

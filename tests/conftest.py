@@ -28,6 +28,7 @@ from proxy.app import POOL, make_app, start
 from proxy.config import TRANSPORTS, load_config
 from proxy.core.clock import ManualClock
 from proxy.core.pool import Pool
+from proxy.edge.server import Server
 from proxy.testing.fake_upstream import FakeUpstream
 
 pytest_plugins = ("tests.redis_server",)  # the redis_server fixture (a real redis-server on a free port)
@@ -39,7 +40,7 @@ class RunningProxy:
     app: web.Application
     client: aiohttp.ClientSession
     config_path: Path
-    runner: web.AppRunner
+    runner: Server
 
     @property
     def credentials_file(self) -> Path:

@@ -39,6 +39,35 @@ async def read_answer(reader: asyncio.StreamReader, wait: float = 10) -> bytes:
     return answer
 
 
+async def read_answers(reader: asyncio.StreamReader, count: int, wait: float = 10) -> list[bytes]:
+    """Read ``count`` answers (each with a Content-Length body) that may arrive in one read."""
+    data = b""
+    answers: list[bytes] = []
+    while len(answers) < count:
+        end = _end_of_first(data)
+        if end is not None:
+            answers.append(data[:end])
+            data = data[end:]
+            continue
+        chunk = await asyncio.wait_for(reader.read(65536), wait)
+        if not chunk:
+            break
+        data += chunk
+    return answers
+
+
+def _end_of_first(data: bytes) -> int | None:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return len(head) + 4 + length if len(body) >= length else None
+
+
 def _complete(answer: bytes) -> bool:
     head, sep, body = answer.partition(b"\r\n\r\n")
     if not sep:

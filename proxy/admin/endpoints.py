@@ -10,7 +10,7 @@
 ==========================================  ==================================================
 
 No answer here ever holds a token (see :mod:`proxy.admin.status`). Mounts cannot overlap the prefix
-(:mod:`proxy.config` refuses it), and any other path under it falls through to the forwarder's 404.
+(:mod:`proxy.config` refuses it); any other path or method under it is a 404 (``not_found``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -28,14 +29,21 @@ from proxy.admin.status import credential_doc, status_document, which_document
 from proxy.config import ADMIN_PREFIX
 from proxy.core.clock import Clock
 from proxy.core.pool import Pool
+from proxy.edge.aiohttp_server import AiohttpClient
+from proxy.edge.client import Client, Incoming
+from proxy.edge.dispatch import admin_path
+from proxy.edge.error_body import error_response
 from proxy.observe.metrics import Metrics
 
 log = logging.getLogger("credproxy.admin")
 
 
 class Admin:
-    """The handlers; ``extras`` add sections to the status document (file sync, token custody);
-    ``views`` add JSON endpoints of their own (``GET /_credproxy/<name>``)."""
+    """The endpoints; ``extras`` add sections to the status document (file sync, token custody);
+    ``views`` add JSON endpoints of their own (``GET /_credproxy/<name>``).
+
+    :meth:`serve` answers on the client seam (:mod:`proxy.edge.client`), so both servers answer the
+    same way: the fast one calls it directly, aiohttp's through the route :meth:`install` adds."""
 
     def __init__(self, pool: Pool, clock: Clock, metrics: Metrics) -> None:
         self._pool = pool
@@ -45,36 +53,50 @@ class Admin:
         self.views: dict[str, Callable[[], Any]] = {}
 
     def install(self, router: web.UrlDispatcher) -> None:
-        router.add_get(f"{ADMIN_PREFIX}/health", self.health)
-        router.add_get(f"{ADMIN_PREFIX}/status", self.status)
-        router.add_get(f"{ADMIN_PREFIX}/metrics", self.metrics)
-        router.add_get(f"{ADMIN_PREFIX}/which", self.which)
-        router.add_post(f"{ADMIN_PREFIX}/credentials/{{label}}/unblock", self.unblock)
-        for name, view in self.views.items():
-            router.add_get(f"{ADMIN_PREFIX}/{name}", self._view(view))
+        """Every path under the prefix, for aiohttp's server (ahead of the forwarder's catch-all)."""
+        router.add_route("*", ADMIN_PREFIX, self.handle)
+        router.add_route("*", f"{ADMIN_PREFIX}/{{tail:.*}}", self.handle)
 
-    @staticmethod
-    def _view(view: Callable[[], Any]) -> Callable[[web.Request], Any]:
-        async def handle(request: web.Request) -> web.Response:
-            return _json(200, view())
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        client = AiohttpClient(request)
+        await self.serve(client.incoming(), client)
+        assert client.response is not None
+        return client.response
 
-        return handle
+    async def serve(self, incoming: Incoming, client: Client) -> int:
+        """Answer one request under the prefix; returns the status."""
+        return await client.respond(self.answer(incoming.method, incoming.raw_path))
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    def answer(self, method: str, target: str) -> web.Response:
+        path, _, query = target.partition("?")
+        path = admin_path(path) or path
+        name = path.removeprefix(ADMIN_PREFIX + "/")
+        if method in ("GET", "HEAD"):
+            if name == "health":
+                return web.json_response({"status": "ok"})
+            if name == "status":
+                return self.status()
+            if name == "metrics":
+                return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+            if name == "which":
+                values = dict(parse_qsl(query, keep_blank_values=True))
+                return self.which(values.get("provider"), values.get("session") or None)
+            if name in self.views:
+                return _json(200, self.views[name]())
+        elif method == "POST":
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "credentials" and parts[1] and parts[2] == "unblock":
+                return self.unblock(parts[1])
+        return error_response(404, f"credproxy has no endpoint {method} {path}", "not_found")
 
-    async def status(self, request: web.Request) -> web.Response:
+    def status(self) -> web.Response:
         doc = status_document(self._pool, self._clock.time(), __version__)
         for name, source in self.extras.items():
             doc[name] = source()
         return _json(200, doc)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def which(self, request: web.Request) -> web.Response:
+    def which(self, provider: str | None, session: str | None) -> web.Response:
         names = [p.name for p in self._pool.providers()]
-        provider = request.query.get("provider")
         if provider is None:
             # The only provider, or else the only one with credentials.
             candidates = names if len(names) == 1 else [n for n in names if self._pool.credentials(n)]
@@ -83,11 +105,9 @@ class Admin:
             provider = candidates[0]
         if provider not in names:
             return _error(404, f"no provider named {provider!r} (configured: {', '.join(names)})")
-        session = request.query.get("session") or None
         return _json(200, which_document(self._pool, provider, session, self._clock.time()))
 
-    async def unblock(self, request: web.Request) -> web.Response:
-        label = request.match_info["label"]
+    def unblock(self, label: str) -> web.Response:
         cred = self._pool.by_label(label)
         if cred is None:
             return _error(404, f"no credential labelled {label!r}")
@@ -101,4 +121,4 @@ def _json(status: int, doc: object) -> web.Response:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return _json(status, {"error": {"message": message, "type": "invalid_request_error", "code": "admin"}})
+    return error_response(status, message, "admin")

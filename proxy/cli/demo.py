@@ -37,6 +37,7 @@ from proxy.cli import table
 from proxy.cli.console import render_status
 from proxy.config import Logging, load_config
 from proxy.core.clock import ManualClock
+from proxy.edge.server import Server
 from proxy.observe import logs
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, Responder, ok, usage_limit
 
@@ -90,7 +91,7 @@ class Demo:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
     app: web.Application | None = None
-    runner: web.AppRunner | None = None
+    runner: Server | None = None
     client: aiohttp.ClientSession | None = None
     started_at: float = 0.0
     snapshot: dict[str, Any] = field(default_factory=dict)

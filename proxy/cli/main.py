@@ -23,7 +23,7 @@ from proxy.app import POOL, known_secrets, make_app, serve
 from proxy.cli import console, demo
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.edge import eventloop, memory
-from proxy.edge.server import raise_open_file_limit
+from proxy.edge.connections import raise_open_file_limit
 from proxy.errors import ConfigError, StoreError
 from proxy.observe import logs
 from proxy.storage.client_tokens import client_usage, init_token_file

@@ -15,8 +15,10 @@ passes unchanged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import cache
+from operator import itemgetter
 
 HOP_BY_HOP = frozenset(
     {
@@ -107,3 +109,41 @@ def has_control_characters(items: Iterable[tuple[str, str]]) -> bool:
     """True when a value holds CR, LF or NUL (header injection): such a request is refused."""
     values = "".join([value for _, value in items])
     return "\r" in values or "\n" in values or "\x00" in values
+
+
+#: Headers a request may carry once (aiohttp's server refuses a repeat, and so does the fast server).
+SINGLETONS = frozenset(
+    {
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    }
+)
+
+# RFC 9110 5.5 and RFC 9112 4: a field value and a reason phrase hold HTAB, SP, visible ASCII and
+# obs-text (bytes from 0x80, decoded to characters from U+0080 or to surrogates).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_VALUE = itemgetter(1)
+
+
+def response_head_problem(status: int, reason: str, items: Iterable[tuple[str, str]]) -> str | None:
+    """What makes an upstream's final response head unfit to relay, or ``None``: a status outside
+    200-599, or a control character (NUL, ESC, DEL...) in the reason phrase or a header value. Both
+    servers then answer 502 instead of relaying it (a terminal escape) or failing on it (a 500). Header
+    names need no check here: llhttp, under both transports, takes only tokens.
+
+    This runs for every answer: a common head costs one join and one ``isprintable`` (C loops); only a
+    head with a tab or obs-text (bytes from 0x80) is searched with the pattern."""
+    if not 200 <= status <= 599:
+        return f"the status {status} is not a final HTTP status"
+    text = "".join(map(_VALUE, items))
+    if not (reason.isprintable() and text.isprintable()) and _CONTROL.search(reason + text):
+        return "the reason phrase or a header value holds control characters"
+    return None

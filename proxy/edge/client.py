@@ -1,14 +1,14 @@
-"""The client side of one request, as the forwarder sees it: what was asked, and where the answer goes.
+"""The client seam: one request as the forwarder sees it, what was asked and where the answer goes.
 
-Two servers feed the forwarder: :mod:`proxy.edge.fast_server` (the default for proxied requests) and
-aiohttp's (admin paths, and what the fast server hands on). Each gives an :class:`Incoming` (the
-request head, and a way to read its body) and a :class:`Client` (a head, body chunks, an end, or a
-whole proxy-made response). :class:`AiohttpClient` is aiohttp's.
+Each server gives the forwarder (and the admin endpoints) an :class:`Incoming` (the request head, and
+a way to read its body) and a :class:`Client` (a head, body chunks, an end, or a whole proxy-made
+response). The implementations live with their servers: :class:`proxy.edge.fast_server.FastConnection`
+(the default) and :class:`proxy.edge.aiohttp_server.AiohttpClient`; :mod:`proxy.testing.memory_client`
+records in memory.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -80,74 +80,6 @@ class Client(Protocol):
 
     def outlet(self) -> Outlet | None:
         """This client as an :class:`Outlet`, after :meth:`begin`; ``None`` if it cannot be one."""
-
-
-class AiohttpClient:
-    """:class:`Client` on an aiohttp request; ``response`` is what the aiohttp handler returns."""
-
-    __slots__ = ("request", "response")
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.response: web.StreamResponse | None = None
-
-    async def read_body(self, cap: int, time_limit: float | None) -> bytes:
-        request = self.request
-        length = request.content_length
-        if length is not None and length > cap:
-            raise body_too_large(cap, length)
-        content = request.content
-        if content.is_eof():  # all of it came with the head (the usual small POST): nothing to wait for
-            body = content.read_nowait(-1)
-            if len(body) > cap:
-                raise body_too_large(cap)
-            return body
-        try:
-            async with asyncio.timeout(time_limit):
-                return await self._read(length, cap)
-        except TimeoutError:
-            raise body_timeout(time_limit) from None
-
-    async def _read(self, length: int | None, cap: int) -> bytes:
-        request = self.request
-        if not request.body_exists:
-            return b""
-        if length is not None:
-            return await request.content.readexactly(length) if length else b""
-        data = bytearray()
-        while chunk := await request.content.readany():
-            data += chunk
-            if len(data) > cap:
-                raise body_too_large(cap)
-        return bytes(data)
-
-    async def respond(self, response: web.Response) -> int:
-        self.response = response
-        return response.status
-
-    async def begin(self, status: int, reason: str, headers: Headers, has_body: bool) -> None:
-        response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
-        # Send the head with the first body bytes (one write, not two); aiohttp sends it on the first
-        # write() or at write_eof(). Without this attribute (an older aiohttp) it goes at prepare().
-        response._send_headers_immediately = False
-        self.response = response
-        await response.prepare(self.request)
-
-    async def write(self, chunk: bytes) -> None:
-        assert self.response is not None
-        await self.response.write(chunk)
-
-    async def end(self, tail: bytes = b"") -> None:
-        assert self.response is not None
-        await self.response.write_eof(tail)
-
-    def abort(self) -> None:
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
-
-    def outlet(self) -> None:
-        return None
 
 
 def body_too_large(cap: int, length: int | None = None) -> RequestRejected:

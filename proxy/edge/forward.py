@@ -21,7 +21,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-import orjson
 from aiohttp import web
 
 from proxy.config import Config, Provider
@@ -49,7 +48,9 @@ from proxy.core.replay import (
 from proxy.core.routing import check_path, find_provider, split_target, upstream_target
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import EventScanner, parse_json, split_first_event
-from proxy.edge.client import AiohttpClient, Client, Incoming, Outlet
+from proxy.edge.aiohttp_server import AiohttpClient
+from proxy.edge.client import Client, Incoming, Outlet
+from proxy.edge.error_body import error_response, json_response
 from proxy.edge.transport import Deliver, Transport, UpstreamResponse
 from proxy.errors import (
     ConnectFailed,
@@ -116,15 +117,7 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler (the catch-all route, and the server's path for what the fast server hands on)."""
         client = AiohttpClient(request)
-        incoming = Incoming(
-            request.method,
-            request.raw_path,
-            request.path,
-            (request.version.major, request.version.minor),
-            request.headers,
-            client.read_body,
-        )
-        await self.serve(incoming, client)
+        await self.serve(client.incoming(), client)
         assert client.response is not None
         return client.response
 
@@ -525,16 +518,3 @@ def _lower(items: hdrs.Headers) -> dict[str, str]:
     for name, value in items:
         result.setdefault(name.lower(), value)
     return result
-
-
-def json_response(status: int, body: object, record: RequestRecord | None = None) -> web.Response:
-    response = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-    if record is not None:
-        response.headers["x-credproxy-attempts"] = str(record.attempts)
-    return response
-
-
-def error_response(status: int, message: str, code: str, record: RequestRecord | None = None) -> web.Response:
-    """A proxy-generated error in OpenAI's shape. ``message`` never contains a secret."""
-    kind = "invalid_request_error" if status < 500 else "proxy_error"
-    return json_response(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, record)

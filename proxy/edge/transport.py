@@ -1,36 +1,35 @@
-"""The seam between the proxy and the network: one small interface, one boundary for exceptions.
+"""The seam between the proxy and the upstream: one small interface, one boundary for failures.
 
 :class:`Transport` sends one request and returns an :class:`UpstreamResponse` whose body is read
-chunk by chunk. Every network failure is translated here, and only here, into the
-:mod:`proxy.errors` tree, split by what it means for a replay:
+chunk by chunk (or piped, see :meth:`UpstreamResponse.pipe`). Two implement it:
+:class:`~proxy.edge.fast_transport.FastTransport` (the default: pooled raw connections parsed by
+llhttp) and :class:`~proxy.edge.aiohttp_transport.AiohttpTransport` (aiohttp's client);
+:class:`proxy.testing.mock_transport.MockTransport` answers from a script, in memory.
 
-* :class:`~proxy.errors.ConnectFailed`: the request never left (refused, DNS, TLS, connect timeout);
-* :class:`~proxy.errors.HeaderTimeout`: sent, no response headers within ``header_timeout``;
-* :class:`~proxy.errors.UpstreamReset`: sent, the connection died before a response;
-* :class:`~proxy.errors.StreamBroken`: the body broke after the response began, or went idle for
-  longer than ``idle_timeout``.
+Every failure becomes one of the :mod:`proxy.errors` tree here, with the same words whichever
+transport met it, split by what it means for a replay:
 
-:class:`AiohttpTransport` is the general implementation on one ``aiohttp.ClientSession``: keep-alive
-pool, no cookie jar (an account's cookies must not follow the next account), no redirects, no
-environment proxies, no decompression (bytes and ``Content-Encoding`` pass through), no total timeout
-(a long stream that keeps progressing is never cut), an idle read timeout instead.
+* :class:`~proxy.errors.ConnectFailed` (:func:`connect_failed`): the request never left (refused,
+  DNS, TLS, connect timeout): safe to try again;
+* :class:`~proxy.errors.HeaderTimeout` (:func:`header_timeout`): sent, no response head in time;
+* :class:`~proxy.errors.UpstreamReset` (:func:`no_response`, :func:`invalid_response`): sent, and the
+  connection ended without a response head, or the head was not valid HTTP or not fit to relay
+  (:func:`checked_head`: a status outside 200-599, control characters in the reason phrase or a
+  header): a 502 on either server, never relayed;
+* :class:`~proxy.errors.StreamBroken` (:func:`stream_broken`): the body broke after the response
+  began, or went idle for longer than ``idle_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
-import aiohttp
-from yarl import URL
-
-from proxy.config import Limits
-from proxy.core.headers import Headers
+from proxy.core.headers import Headers, response_head_problem
 from proxy.errors import ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
-
-# aiohttp would add these when absent; the upstream should see what the client sent.
-_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 class UpstreamResponse(Protocol):
@@ -72,76 +71,46 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-class _AiohttpResponse:
-    __slots__ = ("_response", "headers", "reason", "status")
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason or ""
-        self.headers: Headers = list(response.headers.items())
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StreamBroken(f"upstream stream broke: {type(exc).__name__}") from None
-
-    def close(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
-
-    def pipe(self, deliver: Deliver) -> None:
-        return None
-
-    def resume(self) -> None:
-        return None
+def connect_failed(cause: BaseException | None) -> ConnectFailed:
+    """Nothing was sent: ``cause`` is the OS, TLS or timeout error met while connecting."""
+    if cause is None:
+        return ConnectFailed("the upstream closed the connection before the request was sent")
+    if isinstance(cause, TimeoutError):
+        return ConnectFailed("connecting to the upstream timed out")
+    if isinstance(cause, ssl.SSLError):
+        return ConnectFailed(f"cannot connect to the upstream: TLS failed ({cause.reason or type(cause).__name__})")
+    if isinstance(cause, OSError):  # by its errno: the words of the OS, not those of the library's wrapper
+        reason = os.strerror(cause.errno) if cause.errno else cause.strerror or type(cause).__name__
+        return ConnectFailed(f"cannot connect to the upstream: {reason}")
+    return ConnectFailed(f"cannot connect to the upstream: {type(cause).__name__}")
 
 
-class AiohttpTransport:
-    """A :class:`Transport` on one ``aiohttp.ClientSession`` with keep-alive to the upstream."""
-
-    def __init__(self, limits: Limits, pool_size: int = 1000) -> None:
-        self._header_timeout = limits.header_timeout
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=300),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=limits.connect_timeout, sock_read=limits.idle_timeout
-            ),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-        )
-
-    async def request(self, method: str, origin: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
-        url = URL(origin + target, encoded=True)
-        try:
-            async with asyncio.timeout(self._header_timeout):
-                response = await self._session.request(
-                    method, url, headers=headers, data=body or None, allow_redirects=False, compress=None
-                )
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(f"cannot connect to the upstream: {_reason(exc)}") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise ConnectFailed("connecting to the upstream timed out") from None
-        except TimeoutError:
-            raise HeaderTimeout("the upstream sent no response headers in time") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-            raise UpstreamReset(
-                f"the upstream closed the connection without a response: {type(exc).__name__}"
-            ) from None
-        except ValueError:
-            # aiohttp refuses header values with CR/LF (header injection) or an unusable URL.
-            raise RequestRejected(400, "the request has a header value or path that cannot be forwarded") from None
-        return _AiohttpResponse(response)
-
-    async def close(self) -> None:
-        await self._session.close()
+def header_timeout() -> HeaderTimeout:
+    return HeaderTimeout("the upstream sent no response headers in time")
 
 
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    os_error = exc.os_error
-    return os_error.strerror or type(os_error).__name__ if os_error else type(exc).__name__
+def no_response(cause: str = "") -> UpstreamReset:
+    """Sent, and the connection ended before a response head."""
+    detail = f": {cause}" if cause else ""
+    return UpstreamReset(f"the upstream closed the connection without a response{detail}")
+
+
+def invalid_response(problem: str) -> UpstreamReset:
+    """Sent, and what came back is not a response credproxy relays (never quotes the upstream's bytes)."""
+    return UpstreamReset(f"invalid response from the upstream: {problem}")
+
+
+def stream_broken(cause: str) -> StreamBroken:
+    return StreamBroken(f"upstream stream broke: {cause}")
+
+
+def unsendable() -> RequestRejected:
+    """A header value with CR, LF or NUL, or a target that cannot be sent: it would inject headers."""
+    return RequestRejected(400, "the request has a header value or path that cannot be forwarded")
+
+
+def checked_head(status: int, reason: str, headers: Headers) -> None:
+    """Raise :func:`invalid_response` for a final head credproxy must not relay (see the module docstring)."""
+    problem = response_head_problem(status, reason, headers)
+    if problem is not None:
+        raise invalid_response(problem)

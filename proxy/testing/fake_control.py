@@ -27,16 +27,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from proxy.core.clock import Clock
 
-if TYPE_CHECKING:  # fake_upstream runs this module as its command line: no import back at run time
-    from proxy.testing.fake_upstream import FakeUpstream, Recorded
+
+class Recorded(Protocol):
+    """What this module reads of a request the fake upstream recorded (its ``Recorded``): the fake
+    upstream runs this module as its command line, so this module names only the shape, never the class."""
+
+    @property
+    def token(self) -> str | None: ...
+
+    @property
+    def path(self) -> str: ...
+
+
+class FakeUpstream(Protocol):
+    """What this module uses of the fake upstream (:class:`proxy.testing.fake_upstream.FakeUpstream`)."""
+
+    clock: Clock
+
+    @property
+    def control_routes(self) -> MutableMapping[str, Any]: ...
+
+    def on(self, responder: Any, *, when: Any = None) -> None: ...
+
+    def tokens(self) -> list[str | None]: ...
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str: ...
+
 
 PREFIX = "/_fake"
 DEFAULT_SECONDS = 3600

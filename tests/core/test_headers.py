@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.core import headers
 from proxy.core.headers import connection_tokens, has_control_characters, to_client, to_upstream
 
 Headers = list[tuple[str, str]]
@@ -263,3 +264,31 @@ def test_has_control_characters(items: Headers, expected: bool) -> None:
 def test_to_client_drops_the_names_it_is_given_too() -> None:
     items = [("Content-Type", "text/event-stream"), ("X-Credproxy-Credential", "spoof"), ("Connection", "close")]
     assert to_client(items, frozenset({"x-credproxy-credential"})) == [("Content-Type", "text/event-stream")]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "items", "problem"),
+    [
+        (200, "OK", [("Content-Type", "text/plain"), ("X-Caf", "café\udcff")], None),  # obs-text passes
+        (200, "", [("X-Tab", "a\tb c")], None),
+        (599, "Weird", [], None),
+        (0, "OK", [], "status"),
+        (199, "OK", [], "status"),
+        (600, "OK", [], "status"),
+        (200, "O\x01K\x1b[2J", [], "control"),
+        (200, "OK", [("X-A", "a\x01b")], "control"),
+        (200, "OK", [("X-A", "a\x0bb")], "control"),
+        (200, "OK", [("X-A", "\x1b[2J")], "control"),
+        (200, "OK", [("X-A", "a\x7fb")], "control"),
+        (200, "OK", [("X-A", "a\nb")], "control"),
+    ],
+)
+def test_a_response_head_unfit_to_relay_is_named(
+    status: int, reason: str, items: list[tuple[str, str]], problem: str | None
+) -> None:
+    found = headers.response_head_problem(status, reason, items)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found

@@ -288,7 +288,7 @@ async def test_b5_malformed_http_gets_400_and_the_connection_closes(
 )
 def test_the_connection_cap_follows_the_open_files_limit(configured: int, soft: int, expected: int) -> None:
     """Two sockets per client connection (client side and upstream side), 128 kept for everything else."""
-    from proxy.edge.server import connection_cap
+    from proxy.edge.connections import connection_cap
 
     assert connection_cap(configured, soft) == expected
 

@@ -1,6 +1,7 @@
-"""The fast server (proxy/edge/fast_server.py): which heads it takes itself, and the HTTP/1.1 connection rules
-it must keep like aiohttp's server does. The end-to-end tests run on both servers (the ``proxy``
-fixture's ``fast`` and ``aiohttp`` parameters); tests of the hand-over to aiohttp need the fast one.
+"""The fast server (proxy/edge/fast_server.py): the HTTP/1.1 connection rules it must keep like aiohttp's
+server does, and what it hands to aiohttp. The end-to-end tests run on both servers (the ``proxy``
+fixture's ``fast`` and ``aiohttp`` parameters); tests of the hand-over need the fast one. What it reads
+from raw bytes, with no socket, is in test_fast_server_parsing.py.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import Limits
-from proxy.edge.fast_server import FastConnection, parse_head
+from proxy.edge.fast_server import FastConnection
 from proxy.edge.forward import Forwarder
 from proxy.testing.fake_upstream import FakeUpstream, Recorded, json_body
 from tests.conftest import ProxyFactory, RunningProxy, keys
-from tests.raw_http import address, closed_within, read_answer, status_of
+from tests.raw_http import address, closed_within, raw_exchange, read_answer, read_answers, status_of
 
 KEYS = ("sk-test-alpha-0001", "sk-test-bravo-0002")
-LIMITS = Limits()
 HOST = b"Host: 127.0.0.1\r\n"
 
 
@@ -29,87 +28,6 @@ def post(body: bytes, extra: bytes = b"", path: bytes = b"/openai/responses") ->
         b"POST " + path + b" HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
         b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
     )
-
-
-# -- parse_head: what the fast server answers itself -------------------------------------------
-
-
-def test_a_regular_head_is_parsed() -> None:
-    head = parse_head(
-        b"POST /openai/responses?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nX-Session-Id:  abc \r\n"
-        b"x-session-id: second\r\nContent-Length: 12\r\nConnection: keep-alive, Close\r\n",
-        LIMITS,
-    )
-    assert head is not None
-    assert (head.method, head.target, head.content_length, head.close) == ("POST", "/openai/responses?x=1", 12, True)
-    assert head.items == [
-        ("Host", "127.0.0.1:8787"),
-        ("X-Session-Id", "abc"),
-        ("x-session-id", "second"),
-        ("Content-Length", "12"),
-        ("Connection", "keep-alive, Close"),
-    ]
-    assert head.first["x-session-id"] == "abc"  # the first value wins, as on aiohttp's path
-
-
-def test_no_body_and_keep_alive_by_default() -> None:
-    head = parse_head(b"GET /openai/models HTTP/1.1\r\nHost: h\r\nConnection: closed-captions\r\n", LIMITS)
-    assert head is not None
-    assert (head.content_length, head.close) == (0, False)
-
-
-def test_as_many_headers_as_every_aiohttp_parser_takes() -> None:
-    head = parse_head(b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 125, LIMITS)
-    assert head is not None
-    assert len(head.items) == LIMITS.max_headers - 2
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"GET /openai/models HTTP/1.0\r\nHost: h\r\n",  # HTTP/1.0: keep-alive rules differ
-        b"GET /openai/models HTTP/2.0\r\nHost: h\r\n",
-        b"GET http://h/openai/models HTTP/1.1\r\nHost: h\r\n",  # absolute form
-        b"OPTIONS * HTTP/1.1\r\nHost: h\r\n",
-        b"GET /openai/%2e%2e/_credproxy/status HTTP/1.1\r\nHost: h\r\n",  # escapes: the router decodes them
-        b"GET /openai/models#frag HTTP/1.1\r\nHost: h\r\n",
-        b"GET /_credproxy/health HTTP/1.1\r\nHost: h\r\n",  # admin paths are aiohttp's
-        b"get /openai/models HTTP/1.1\r\nHost: h\r\n",
-        b"FOO /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp refuses a method it does not know
-        b"PRI /openai/models HTTP/1.1\r\nHost: h\r\n",  # llhttp: only as the HTTP/2 preface
-        b"CONNECT /openai/models HTTP/1.1\r\nHost: h\r\n",  # a tunnel (upgrade) for aiohttp
-        b"GET  /openai/models HTTP/1.1\r\nHost: h\r\n",
-        b"GET /openai/models HTTP/1.1\r\n",  # no Host: aiohttp answers 400
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nHost: h\r\n",  # repeated singleton
-        b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n",
-        b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nContent-Length: +1\r\n",
-        b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nContent-Length: 1234567890123456789\r\n",
-        b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n",
-        b"POST /openai/responses HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key1: a\r\n",  # aiohttp: 400
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n",  # llhttp: close
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n X-Folded: a\r\n",  # obsolete line folding
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX Bad: a\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad : a\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\x00b\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\x7fb\r\n",  # DEL
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX@Bad: a\r\n",  # a name that is not a token
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-\x01: a\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: caf\xc3\xa9\r\n",  # bytes above 0x7f
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Bad: a\nb\r\n",  # a bare LF
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n: empty-name\r\n",
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 9000 + b"\r\n",  # over max_header_bytes
-        # two names, each on a line within max_header_bytes: aiohttp's C parser counts them together
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"A" * 4100 + b": 1\r\n" + b"B" * 4100 + b": 2\r\n",
-        b"GET /openai/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: h\r\n",  # over max_request_line_bytes
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 200,  # over max_headers
-        # 127 headers: aiohttp's pure-Python parser counts the request line and the blank line too
-        b"GET /openai/models HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 126,
-    ],
-)
-def test_everything_irregular_goes_to_aiohttp(raw: bytes) -> None:
-    assert parse_head(raw, LIMITS) is None
 
 
 # -- connection rules, on both servers ---------------------------------------------------------
@@ -131,7 +49,7 @@ async def test_pipelined_requests_are_answered_in_order(proxy: ProxyFactory, fak
     fake.on(echo_n())
     reader, writer = await open_raw(p)
     writer.write(b"".join(post(b'{"n": %d}' % n) for n in (1, 2, 3)))  # three requests in one write
-    answers = [await read_answer(reader) for _ in range(3)]
+    answers = await read_answers(reader, 3)
     writer.close()
     assert [status_of(a) for a in answers] == [200, 200, 200]
     assert [orjson.loads(a.partition(b"\r\n\r\n")[2]) for a in answers] == [{"n": 1}, {"n": 2}, {"n": 3}]
@@ -154,7 +72,6 @@ async def test_a_body_in_pieces_reaches_the_upstream_byte_for_byte(proxy: ProxyF
 
 
 async def test_one_connection_carries_proxied_and_admin_requests(proxy: ProxyFactory, fake: FakeUpstream) -> None:
-    """On the fast server the admin request hands the connection to aiohttp; the client cannot tell."""
     p = await proxy(keys(*KEYS))
     fake.on(echo_n())
     reader, writer = await open_raw(p)
@@ -174,13 +91,12 @@ async def test_one_connection_carries_proxied_and_admin_requests(proxy: ProxyFac
 async def test_a_pipelined_admin_request_is_handed_over_after_the_proxied_one(
     proxy: ProxyFactory, fake: FakeUpstream
 ) -> None:
-    """The admin request waits in the fast server's buffer while the first is answered, then goes to
-    aiohttp with those bytes; both answers come back in order on the one connection."""
+    """The admin request waits while the first is answered; the answers come back in order."""
     p = await proxy(keys(*KEYS))
     fake.on(echo_n())
     reader, writer = await open_raw(p)
     writer.write(post(b'{"n": 1}') + b"GET /_credproxy/health HTTP/1.1\r\n" + HOST + b"\r\n" + post(b'{"n": 2}'))
-    answers = [await read_answer(reader) for _ in range(3)]
+    answers = await read_answers(reader, 3)
     writer.close()
     bodies = [orjson.loads(a.partition(b"\r\n\r\n")[2]) for a in answers]
     assert bodies == [{"n": 1}, {"status": "ok"}, {"n": 2}]
@@ -334,3 +250,109 @@ async def test_the_last_event_and_the_end_of_the_stream_go_in_one_write(
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
     assert writes[0].endswith(b"\r\n\r\n" + chunk(events[0]))  # the head with the first event
     assert writes[1:] == [chunk(events[1]), chunk(events[2]) + b"0\r\n\r\n"]
+
+
+def server_header(answer: bytes) -> str | None:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"server":
+            return value.strip().decode()
+    return None
+
+
+def websocket(path: bytes) -> bytes:
+    return (
+        b"GET " + path + b" HTTP/1.1\r\n" + HOST + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+
+
+NOWHERE = b"GET /nowhere/x HTTP/1.1\r\n" + HOST + b"\r\n"  # a 404 credproxy makes itself
+
+
+async def test_a_websocket_upgrade_goes_to_aiohttps_server(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    """The rule (proxy/edge/dispatch.py): only a GET that llhttp reads as an upgrade to websocket is
+    handed over. aiohttp's server names itself in a ``Server`` header on the answers it makes; the
+    fast server sends none."""
+    p = await proxy(keys(*KEYS), server="fast", transport="fast")
+    reader, writer = await open_raw(p)
+    writer.write(NOWHERE)
+    plain = await read_answer(reader)
+    writer.write(websocket(b"/nowhere/responses"))
+    upgraded = await read_answer(reader)
+    writer.close()
+    assert [status_of(a) for a in (plain, upgraded)] == [404, 404]
+    assert server_header(plain) is None
+    assert "aiohttp" in (server_header(upgraded) or "")
+    assert fake.records == []
+
+
+async def test_a_websocket_upgrade_is_forwarded_as_a_plain_get_until_it_is_bridged(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(keys(*KEYS))
+    fake.on(json_body(200, {"ok": 1}), path="/v1/responses")
+    answer = await raw_exchange(p, websocket(b"/openai/responses"))
+    assert status_of(answer) == 200
+    [seen] = fake.records
+    assert (seen.method, seen.target, seen.header("upgrade")) == ("GET", "/v1/responses", None)
+
+
+async def test_admin_requests_and_other_upgrades_stay_on_the_fast_server(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(keys(*KEYS), server="fast", transport="fast")
+    for raw in (
+        b"GET /_credproxy/health HTTP/1.1\r\n" + HOST + b"\r\n",
+        b"GET /%5Fcredproxy/health HTTP/1.1\r\n" + HOST + b"\r\n",  # the escape is decoded, as aiohttp's router does
+        b"GET /nowhere/x HTTP/1.1\r\n" + HOST + b"Upgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        b"GET /nowhere/x HTTP/1.1\r\n" + HOST + b"Upgrade: websocket\r\n\r\n",  # no Connection: upgrade
+        websocket(b"/nowhere/x").replace(b"GET", b"POST", 1),
+    ):
+        answer = await raw_exchange(p, raw)
+        assert status_of(answer) in {200, 404}, raw
+        assert server_header(answer) is None, raw
+    assert fake.records == []
+
+
+async def test_expect_100_continue_is_answered_before_the_body(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(keys(*KEYS))
+    reader, writer = await open_raw(p)
+    body = b'{"n": 5}'
+    writer.write(post(body, b"Expect: 100-continue\r\n")[: -len(body)])
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    answer = await read_answer(reader)
+    writer.close()
+    assert status_of(answer) == 200
+    assert [r.body for r in fake.records] == [body]
+
+
+async def test_expect_over_the_body_cap_gets_413_without_100_continue(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(keys(*KEYS), limits={"max_body_bytes": 1024})
+    answer = await raw_exchange(p, post(b"x" * 2000, b"Expect: 100-continue\r\n")[:-2000])
+    assert status_of(answer) == 413
+    assert b"100 Continue" not in answer
+    assert fake.records == []
+
+
+async def test_an_unknown_expectation_gets_417(proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(keys(*KEYS))
+    answer = await raw_exchange(p, post(b"{}", b"Expect: 200-ok\r\n"))
+    assert status_of(answer) == 417
+    assert fake.records == []
+
+
+async def test_an_http_1_0_request_is_answered_and_the_connection_closes(
+    proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(keys(*KEYS))
+    fake.on(json_body(200, {"data": []}), path="/v1/models")
+    reader, writer = await open_raw(p)
+    writer.write(b"GET /openai/models HTTP/1.0\r\n" + HOST + b"\r\n")
+    answer = await closed_within(reader, 10)
+    writer.close()
+    assert status_of(answer) == 200
+    assert b"transfer-encoding" not in answer.lower()
+    assert answer.endswith(b'{"data":[]}')

@@ -22,9 +22,10 @@ import pytest
 
 from proxy.app import default_transport
 from proxy.config import Limits, parse_config
+from proxy.edge.aiohttp_transport import AiohttpTransport
 from proxy.edge.eventloop import uvloop
-from proxy.edge.fast_transport import READ_BUFFER, FastTransport
-from proxy.edge.transport import AiohttpTransport
+from proxy.edge.fast_transport import FastTransport
+from proxy.edge.upstream_connection import READ_BUFFER
 from proxy.errors import ConfigError, ConnectFailed, HeaderTimeout, RequestRejected, StreamBroken, UpstreamReset
 
 LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
@@ -83,6 +84,7 @@ class Server:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     client_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def origin(self) -> str:
@@ -90,6 +92,9 @@ class Server:
 
     async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
         try:
             await self.handler(Conn(reader, writer, self))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -107,6 +112,9 @@ async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncI
         yield server
     finally:
         listener.close()
+        for task in server.handlers:  # none outlives the scenario's loop
+            task.cancel()
+        await asyncio.gather(*server.handlers, return_exceptions=True)
 
 
 def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
@@ -507,12 +515,12 @@ def test_a_slow_consumer_pauses_reading_instead_of_buffering_the_whole_body(run:
             transport = FastTransport(Limits(idle_timeout=0.2))
             response = await transport.request("GET", server.origin, "/", [], b"")
             await asyncio.sleep(0.6)  # the consumer is slow; the server keeps writing
-            buffered = response._payload._size
             assert response._connection is not None
-            assert response._connection._reading_paused
+            buffered = response._connection._buffered
+            assert response._connection._paused
             assert buffered <= 2 * READ_BUFFER + 256 * 1024  # high water plus at most one socket read
             received = b""
-            while response._connection._reading_paused:
+            while response._connection._paused:
                 received += await response.read()
             # The watchdog firing just after the resume, before any new byte: not an idle upstream.
             response._connection._on_timer()
@@ -626,7 +634,7 @@ def test_a_full_client_pauses_the_pipe_until_it_resumes(run: Any) -> None:
             await asyncio.sleep(0.6)  # the server keeps writing; the connection must not read on
             connection = response._connection
             assert connection is not None
-            assert connection._reading_paused
+            assert connection._paused
             assert sum(map(len, got)) <= 2 * READ_BUFFER + 256 * 1024  # at most a buffer and a socket read
             assert len(got) == 1
             assert not piped.done()
@@ -727,3 +735,60 @@ def test_an_unknown_transport_is_refused_naming_the_key() -> None:
     providers = {"openai": {"mount": "/openai", "upstream": "https://api.openai.com/v1"}}
     with pytest.raises(ConfigError, match="at transport: must be one of fast, aiohttp"):
         parse_config(Path("config.json"), {"providers": providers, "transport": "curl"})
+
+
+# Bytes beyond one response, and heads unfit to relay (issue 16) -----------------------------------
+
+
+@pytest.mark.parametrize("stray", [ok(b"stray"), ok(b"stray")[:20], b"junk"], ids=["whole", "partial", "junk"])
+@pytest.mark.parametrize("when", ["with-the-answer", "while-idle"])
+def test_a_connection_that_carried_bytes_beyond_its_response_is_closed_not_reused(
+    run: Any, stray: bytes, when: str
+) -> None:
+    idle = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if conn.server.connections > 1:
+            await answer_all(conn)
+            return
+        await conn.request()
+        await conn.send(ok(b"one") + (stray if when == "with-the-answer" else b""))
+        if when == "while-idle":
+            await idle.wait()
+            await conn.send(stray)
+        await answer_all(conn)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            transport = FastTransport(LIMITS)
+            assert await get(transport, server) == (200, b"one")
+            if when == "while-idle":
+                idle.set()
+                for _ in range(200):  # until the pool has seen the stray and dropped the connection
+                    if transport.idle_connections() == 0:
+                        break
+                    await asyncio.sleep(0.01)
+            assert await get(transport, server) == (200, b"ok")
+            assert server.connections == 2
+            await transport.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 999 OK\r\nContent-Length: 0\r\n\r\n"],
+)
+def test_a_head_unfit_to_relay_is_upstream_reset_and_the_connection_is_dropped(run: Any, answer: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(answer)
+        await conn.wait_closed_by_client()
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            with pytest.raises(UpstreamReset, match="invalid response"):
+                await FastTransport(LIMITS).request("GET", server.origin, "/", [], b"")
+            await server.client_closed.wait()
+
+    run(scenario())

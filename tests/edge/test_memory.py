@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import platform
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from proxy.edge import memory, server
+from proxy.edge import connections, memory
+from proxy.edge.connections import ConnectionTable
 from proxy.edge.memory import BurstRelease, release_memory
-from proxy.edge.server import ProxyServer
 
 
 @pytest.mark.parametrize(
@@ -49,60 +47,42 @@ def test_release_memory_collects_and_trims_where_glibc_can() -> None:
     release_memory()  # must not raise, whatever the C library
 
 
-async def test_the_server_releases_once_after_a_burst_ends_and_not_while_requests_run(
+class Idle:
+    """A connection that needs nothing of the table but to be counted."""
+
+    def evict(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def shutdown(self, timeout: float | None) -> None: ...  # noqa: ASYNC109
+
+
+async def test_the_table_releases_once_after_a_burst_ends_and_not_while_requests_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server, "RELEASE_DELAY", 0.05)
-    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(connections, "RELEASE_DELAY", 0.05)
     released: list[int] = []
-    all_in = asyncio.Event()
-    go = asyncio.Event()
-    running = 0
-
-    async def handler(request: web.BaseRequest) -> web.Response:
-        nonlocal running
-        running += 1
-        if running == 3:
-            all_in.set()
-        await go.wait()
-        return web.Response(text="ok")
-
-    base = web.Server(handler)
-    proxy_server = ProxyServer(
-        handler,
-        request_factory=base.request_factory,
-        header_timeout=10,
-        max_connections=100,
-        loop=loop,
-        release=lambda: released.append(len(proxy_server._busy)),
-        burst=3,
-    )
-    listener = await loop.create_server(proxy_server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def get() -> str:
-                async with session.get(f"http://127.0.0.1:{port}/") as response:
-                    return await response.text()
-
-            calls = [asyncio.create_task(get()) for _ in range(3)]
-            await asyncio.wait_for(all_in.wait(), 30)
-            await asyncio.sleep(0.2)  # well past the delay: nothing is released while requests run
-            assert released == []
-            go.set()
-            assert await asyncio.gather(*calls) == ["ok", "ok", "ok"]
-            for _ in range(600):  # real time: the delay is 0.05 s; give a busy machine 30 s
-                if released:
-                    break
-                await asyncio.sleep(0.05)
-            assert released == [0]  # once, with nothing in flight
-            assert await get() == "ok"  # one more request is no burst
-            await asyncio.sleep(0.3)
-            assert released == [0]
-    finally:
-        listener.close()
-        await proxy_server.shutdown(1)
+    table = ConnectionTable(100, 10, asyncio.get_running_loop(), release=lambda: released.append(len(busy)), burst=3)
+    busy = [Idle() for _ in range(3)]
+    for connection in busy:
+        assert table.admit(connection)
+        table.busy(connection)
+    await asyncio.sleep(0.2)  # well past the delay: nothing is released while requests run
+    assert released == []
+    while busy:
+        table.idle(busy.pop())
+    for _ in range(600):  # real time: the delay is 0.05 s; give a busy machine 30 s
+        if released:
+            break
+        await asyncio.sleep(0.05)
+    assert released == [0]  # once, with nothing in flight
+    one = Idle()
+    table.admit(one)
+    table.busy(one)  # one more request is no burst
+    table.idle(one)
+    await asyncio.sleep(0.3)
+    assert released == [0]
+    await table.shutdown(1)
 
 
 @pytest.mark.parametrize(
