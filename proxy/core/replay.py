@@ -224,6 +224,7 @@ _KEEP: frozenset[str] = frozenset()
 #: ``_new(Send, (cred, drop, body))`` is ``Send(cred, drop, body)`` without the Python-level ``__new__``
 #: of a named tuple: the request path makes one Send and one Commit per request.
 _new = tuple.__new__
+_OK = Kind.OK  # a module global: an enum member read through its class costs twice as much
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +296,7 @@ class ReplayPlan:
         cred = self._cred
         assert cred is not None, "answered() before a Send"
         kind = verdict.kind
-        if kind is Kind.OK and self._held is None:
+        if kind is _OK and self._held is None:
             # The usual answer (ACTIONS says PASS for every credential): the commit, made at the least cost.
             self._body = b""
             self._cred = None
@@ -348,9 +349,10 @@ class ReplayPlan:
                 self._cred = cred
                 if self._custody and cred.kind == "oauth":
                     return (*effects, Prepare(cred))
-                if not self._account_bound:  # most providers: nothing to drop, whoever served last
-                    return (*effects, _new(Send, (cred, _KEEP, self._body)))
-                return (*effects, self._send(cred))
+                if self._account_bound:
+                    return (*effects, self._send(cred))
+                send = _new(Send, (cred, _KEEP, self._body))  # most providers: nothing to drop, whoever served last
+                return (*effects, send) if effects else (send,)
         self._cred = None
         return (*effects, *self._release(), EXHAUSTED)
 

@@ -2,7 +2,7 @@
 
 The handler drives a :class:`~proxy.core.replay.ReplayPlan`, which makes every replay decision
 (which credential next, what to do about each classified answer, what to block or disable):
-:meth:`Forwarder._drive` performs its steps (prepare, send and classify, refresh) and its effects on
+:meth:`Forwarder._choose` performs its steps (prepare, send and classify, refresh) and its effects on
 the pool, and feeds the outcomes back; late events of a committed stream go through the same effects.
 Nothing reaches the client until the plan commits an answer; error bodies (status >= 400) are read,
 bounded, before deciding, and a 200 SSE stream is held until its first event has been checked.
@@ -162,54 +162,23 @@ class Forwarder:
         """Send the request until an answer may be passed to the client; returns that answer (open, to be
         relayed and closed by the caller), the bytes of it already read, and the credential that got it.
 
-        The relay runs after this returns, so that a long stream does not keep this frame's locals (the
+        This drives the request's :class:`~proxy.core.replay.ReplayPlan`: it carries out the plan's
+        effects, performs each step and feeds the outcome back, until the plan commits an answer. The
+        relay runs after this returns, so that a long stream does not keep this frame's locals (the
         request body, which for an agent's turn is often hundreds of KB, and the header lists) alive.
         """
-        if request.method not in ALLOWED_METHODS:
-            raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
-        if request.version < (1, 0):
-            raise RequestRejected(400, "HTTP/0.9 is not supported")
-        path, query = split_target(request.raw_path)
-        route = self._lookup(path)
-        if route is None:
-            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
-        provider, rest = route
-        record.provider = provider.name
-        check_path(rest)
-        items = request.items()
-        if hdrs.has_control_characters(items):
-            raise RequestRejected(400, "a header value contains control characters")
-        session_id = session_id_from(request.headers, self._limits.max_session_id_length)
-        if session_id is not None:
-            record.session_hash = f"{fnv1a_utf16(session_id):08x}"
+        provider, origin, target, forwarded, session_id = self._admit(request, record)
         body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
+        # Positional: keywords cost a Python call a third more, and this runs once per request.
         plan = ReplayPlan(
-            self._pool.order(provider.name, session_id),
-            self._pool.available,
+            self._pool.order(provider.name, session_id),  # order
+            self._pool.available,  # available
             body,
-            last_served=self._pool.last_served(provider.name, session_id),
-            account_bound=ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else _NOTHING_BOUND,
-            custody=self.accounts is not None,
+            self._pool.last_served(provider.name, session_id),  # last_served
+            ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else _NOTHING_BOUND,  # account_bound
+            self.accounts is not None,  # custody
         )
         del body  # the plan holds it, and lets go of it at the commit
-        origin, base_path = self._origins[provider.name]
-        target = upstream_target(base_path, rest, query)
-        return await self._drive(
-            plan, request.method, origin, target, hdrs.to_upstream(items), provider, session_id, record
-        )
-
-    async def _drive(
-        self,
-        plan: ReplayPlan,
-        method: str,
-        origin: str,
-        target: str,
-        forwarded: hdrs.Headers,
-        provider: Provider,
-        session_id: str | None,
-        record: RequestRecord,
-    ) -> tuple[UpstreamResponse, bytes, Credential]:
-        """Run the plan: carry out its effects, perform each step and feed the outcome back, until a commit."""
         accounts = self.accounts
         upstream: UpstreamResponse | None = None
         prefix = b""
@@ -229,7 +198,7 @@ class Forwarder:
                     upstream = None
                 if type(step) is Send:
                     record.tried.append(step.cred.label)
-                    upstream = await self._send(method, origin, target, forwarded, step, provider.kind, record)
+                    upstream = await self._send(request.method, origin, target, forwarded, step, provider.kind, record)
                     verdict, prefix = await self._inspect(upstream, step.cred, provider)
                     commands = plan.answered(verdict, upstream.status, self._clock.time())
                 elif type(step) is Prepare:
@@ -245,6 +214,29 @@ class Forwarder:
                 upstream.close()
             self._carry_out(plan.interrupted())
             raise
+
+    def _admit(self, request: Incoming, record: RequestRecord) -> tuple[Provider, str, str, hdrs.Headers, str | None]:
+        """Check the request and route it: its provider, the upstream origin and target, the headers to
+        forward and the session id. Raises RequestRejected."""
+        if request.method not in ALLOWED_METHODS:
+            raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
+        if request.version < (1, 0):
+            raise RequestRejected(400, "HTTP/0.9 is not supported")
+        path, query = split_target(request.raw_path)
+        route = self._lookup(path)
+        if route is None:
+            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
+        provider, rest = route
+        record.provider = provider.name
+        check_path(rest)
+        items = request.items()
+        if hdrs.has_control_characters(items):
+            raise RequestRejected(400, "a header value contains control characters")
+        session_id = session_id_from(request.headers, self._limits.max_session_id_length)
+        if session_id is not None:
+            record.session_hash = f"{fnv1a_utf16(session_id):08x}"
+        origin, base_path = self._origins[provider.name]
+        return provider, origin, upstream_target(base_path, rest, query), hdrs.to_upstream(items), session_id
 
     def _commit(self, commit: Commit, status: int, session_id: str | None, record: RequestRecord) -> None:
         cred = commit.cred
