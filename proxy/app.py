@@ -3,6 +3,11 @@
 ``make_app(config)`` builds everything from values: no globals, nothing at import time. Network
 sessions (the upstream transport, and one small aiohttp session for control calls: token refresh and
 the usage endpoint) and the background file sync are started and stopped in ``cleanup_ctx``.
+
+Shutdown has one grace period (``limits.shutdown_grace``, counted from SIGTERM: :class:`Shutdown`):
+streams in flight get it to finish, and tokens that exist only in memory (their write failed) are
+written again and again within it. Tokens still unwritten at the end are reported by
+:func:`unpersisted_report`, and ``credproxy serve`` exits non-zero.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -50,6 +55,22 @@ SYNC = web.AppKey("sync", FileSync)
 GUARD = web.AppKey("guard", Guard)
 METRICS = web.AppKey("metrics", Metrics)
 ADMIN = web.AppKey("admin", Admin)
+
+
+class Shutdown:
+    """When the shutdown's grace period ends (event loop time), fixed at its start (SIGTERM)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.deadline: float | None = None
+
+    def begin(self) -> float:
+        if self.deadline is None:
+            self.deadline = asyncio.get_running_loop().time() + self.grace
+        return self.deadline
+
+
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
 
 TransportFactory = Callable[[Config], Transport]
 
@@ -106,20 +127,30 @@ def make_app(
     app[METRICS] = metrics
     app[STATE] = backend
     forwarder.secrets = known_secrets(app)
+    shutdown = app[SHUTDOWN] = Shutdown(config.limits.shutdown_grace)
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
         forwarder.transport = transport
         await backend.start()
         yield
-        await accounts.close()
-        await backend.close()
-        await control.close()
-        await transport.close()
+        deadline = shutdown.begin()
+        closers: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("usage checks", accounts.close),
+            ("state", lambda: backend.close(deadline)),
+            ("control session", control.close),
+            ("transport", transport.close),
+        ]
+        for name, close in closers:  # each one, whatever the one before did
+            try:
+                await close()
+            except Exception:
+                log.exception("shutting down: closing the %s failed", name)
 
     app.cleanup_ctx.append(sessions)
     admin = Admin(pool, clock, metrics)
     admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status)
+    admin.problems.extend([backend.problems, custodian.problems, accounts.problems])
     admin.views["state"] = lambda: state_view(pool, backend, clock.time())
     admin.install(app.router)
     app[ADMIN] = admin
@@ -210,5 +241,21 @@ async def serve(app: web.Application, host: str, port: int, ready: Callable[[str
     try:
         await stop.wait()
     finally:
+        app[SHUTDOWN].begin()
         log.info("shutting down")
         await server.cleanup()
+
+
+def unpersisted_report(app: web.Application) -> str | None:
+    """After shutdown: which accounts will need a re-login because their tokens were never written, and why."""
+    custodian = app[ACCOUNTS].custodian
+    if not custodian.unpersisted:
+        return None
+    labels = ", ".join(sorted(c.label for c in custodian.unpersisted.values()))
+    causes = "; ".join(sorted({custodian.persist_errors.get(cid, "not written") for cid in custodian.unpersisted}))
+    config = app[CONFIG]
+    return (
+        f"exiting with refreshed tokens that exist only in memory: {labels} will need a re-login "
+        f"(the refresh tokens in {config.credentials_file} were already redeemed; writing the new ones failed "
+        f"until the end of the {config.limits.shutdown_grace:g} s shutdown grace: {causes})"
+    )

@@ -95,15 +95,16 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-async def start_serve(config: Path, *extra: str, env: dict[str, str] | None = None) -> ServeProcess:
-    """Start ``python -m proxy serve --port 0`` and wait until it listens (the URL comes from its log)."""
+async def start_serve(
+    config: Path, *extra: str, env: dict[str, str] | None = None, program: str | None = None
+) -> ServeProcess:
+    """Start ``python -m proxy serve --port 0`` (or ``program serve ...``: the ``credproxy`` script) and
+    wait until it listens (the URL comes from its log)."""
     fd, name = tempfile.mkstemp(dir=config.parent, prefix="credproxy-", suffix=".log")
     log_path = Path(name)
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
+            *((program,) if program else (sys.executable, "-m", "proxy")),
             "serve",
             "--config",
             str(config),

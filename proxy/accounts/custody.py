@@ -51,7 +51,8 @@ from proxy.core.credentials import Credential, entries, parse_credentials
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import Secret
-from proxy.errors import CredproxyError, StoreError
+from proxy.errors import CredproxyError, StoreError, StoreLocked
+from proxy.observe.supervise import Problem
 from proxy.storage import files
 
 log = logging.getLogger("credproxy.custody")
@@ -111,11 +112,17 @@ class FileRefreshLock:
         try:
             await asyncio.to_thread(lock.acquire)
         except Timeout:
-            raise StoreError(f"the refresh lock of {cred.label} is held by another process") from None
+            raise StoreLocked(f"the refresh lock of {cred.label} is held by another process") from None
+        except OSError as exc:
+            # A read-only folder, a full disk: no lock, so no refresh now (the caller serves from memory).
+            raise StoreError(f"cannot open the refresh lock file of {cred.label}: {files.describe(exc)}") from None
         try:
             yield
         finally:
-            await asyncio.to_thread(lock.release)
+            try:
+                await asyncio.to_thread(lock.release)
+            except OSError as exc:  # closing the lock file failed; the kernel dropped the flock with it
+                log.warning("releasing the refresh lock of %s: %s", cred.label, files.describe(exc))
 
 
 class Custodian:
@@ -140,12 +147,13 @@ class Custodian:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self.unpersisted: dict[str, Credential] = {}
+        self.persist_errors: dict[str, str] = {}  # why the tokens of an unpersisted credential are not written
         self.token_calls = 0
         self.shared: SharedTokens | None = None
 
     def may_refresh(self, cred: Credential) -> bool:
         """False while a credential waits out a transient refresh failure."""
-        return self._clock.time() >= self._retry_at.get(cred.id, 0.0)
+        return self._clock.monotonic() >= self._retry_at.get(cred.id, 0.0)  # a duration: monotonic
 
     async def refresh(self, cred: Credential, reason: str) -> Credential | None:
         """Fresh tokens for ``cred`` (maybe another's), or ``None`` when it cannot serve now."""
@@ -162,7 +170,8 @@ class Custodian:
                     return await self._refresh_locked(current, reason, fence)
             except StoreError as exc:
                 log.warning("cannot refresh %s: %s", cred.label, exc)
-                return self._transient(current, "refresh_locked", reason)
+                code = "refresh_locked" if isinstance(exc, StoreLocked) else "lock_file_error"
+                return self._transient(current, code, reason)
 
     def _postpone(self, cred: Credential, reason: str) -> bool:
         if reason != "proactive_expiry" or self.shared is None or self.shared.available():
@@ -213,7 +222,7 @@ class Custodian:
         self._failures[cred.id] = failures
         wait = backoff(failures, RETRY_FIRST, RETRY_MAX)
         now = self._clock.time()
-        self._retry_at[cred.id] = now + wait
+        self._retry_at[cred.id] = self._clock.monotonic() + wait
         self._pool.failed(cred, f"refresh_failed:{code}")
         log.warning("credential %s: refresh failed (%s); next try in %.0f s", cred.label, code, wait)
         expiry = oauth.expires_at(cred.token.reveal(), cred.expires_ms)
@@ -290,9 +299,13 @@ class Custodian:
         self.unpersisted[fresh.id] = fresh
         try:
             await asyncio.to_thread(self._write, old, fresh)
-        except CredproxyError as exc:
-            log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, exc)
+        except (CredproxyError, OSError) as exc:
+            error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
+            if self.persist_errors.get(fresh.id) != error:  # once per cause, not at every retry
+                log.error("new tokens of %s are only in memory (%s); will retry the write", fresh.label, error)
+            self.persist_errors[fresh.id] = error
             return
+        self.persist_errors.pop(fresh.id, None)
         if self.unpersisted.get(fresh.id) is fresh:
             del self.unpersisted[fresh.id]
 
@@ -320,13 +333,21 @@ class Custodian:
             current = self._pool.current(cred)
             await self._persist(cred, current)
 
+    def problems(self) -> list[Problem]:
+        if not self.unpersisted:
+            return []
+        labels = ", ".join(sorted(c.label for c in self.unpersisted.values()))
+        causes = "; ".join(sorted({self.persist_errors.get(cid, "not yet written") for cid in self.unpersisted}))
+        return [Problem("tokens not persisted", f"refreshed tokens of {labels} exist only in memory: {causes}")]
+
     def status(self) -> dict[str, Any]:
+        now, mono = self._clock.time(), self._clock.monotonic()
         return {
             "unpersisted": sorted(c.label for c in self.unpersisted.values()),
-            "refresh_backoff": {
-                cred.label: until
+            "refresh_backoff": {  # shown on the wall clock
+                cred.label: now + (until - mono)
                 for cid, until in self._retry_at.items()
-                if (cred := self._pool.by_id(cid)) is not None and until > self._clock.time()
+                if (cred := self._pool.by_id(cid)) is not None and until > mono
             },
         }
 

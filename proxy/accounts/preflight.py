@@ -9,6 +9,11 @@
   fails), and again in the background when the answer is older than 60 s. A failed query is cached
   as "unknown" for 60 s, so a broken endpoint costs one request a minute, not one per request.
 
+A usage check runs beside requests, never inside one's failure: an error nobody expected in it is
+logged once per cause and reported as "usage polling failing" (status, ``/_credproxy/health``) until
+a check goes through; the usage stays unknown meanwhile and the next check comes after the usual
+60 s. Freshness is measured on the monotonic clock (a wall-clock step changes nothing).
+
 The other two usage signals arrive with every response (:meth:`Accounts.observe_headers`) and inside
 SSE streams (:meth:`Accounts.observe_events`, a stream hook); all three end in
 :meth:`proxy.core.pool.Pool.record_usage`, one view per credential.
@@ -28,6 +33,7 @@ from proxy.core.clock import Clock
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
 from proxy.core.sse import parse_json
+from proxy.observe.supervise import Problem, describe
 
 log = logging.getLogger("credproxy.accounts")
 
@@ -46,6 +52,7 @@ class Accounts:
         self._first_checks: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.usage_calls = 0
+        self.usage_error = ""  # the last unexpected error of a usage check, until one goes through
 
     async def prepare(self, cred: Credential) -> Credential | None:
         """The credential to send with (maybe with refreshed tokens), or ``None`` to skip it now."""
@@ -70,25 +77,42 @@ class Accounts:
             # First use: wait for the answer (shared by every request that arrives meanwhile).
             task = self._first_checks.get(cred.id)
             if task is None:
-                task = self._first_checks[cred.id] = asyncio.ensure_future(self.check_usage(cred))
+                task = self._first_checks[cred.id] = asyncio.ensure_future(self._check(cred))
             await asyncio.shield(task)
             if not self._pool.available(cred, self._clock.time()):
                 return None
-        elif now - checked >= usage.FRESH_FOR:
-            self._usage_checked[cred.id] = now
-            self._background(self.check_usage(cred))
+        elif self._clock.monotonic() - checked >= usage.FRESH_FOR:
+            self._usage_checked[cred.id] = self._clock.monotonic()
+            self._background(self._check(cred))
         return cred
 
     async def refresh_after_401(self, cred: Credential) -> Credential | None:
         """After a 401: fresh tokens to replay with once, or ``None``."""
         return await self.custodian.refresh(cred, "unauthorized_recovery")
 
+    async def _check(self, cred: Credential) -> None:
+        """:meth:`check_usage`, with an error nobody expected logged once and reported, never raised."""
+        try:
+            await self.check_usage(cred)
+        except Exception as exc:  # a bug must not fail the request that waits for the check
+            cause = describe(exc)
+            if cause != self.usage_error:
+                log.error("usage check of %s failed (%s); usage stays unknown", cred.label, cause, exc_info=exc)
+            self.usage_error = cause
+            return
+        if self.usage_error:
+            log.info("usage checks work again")
+        self.usage_error = ""
+
+    def problems(self) -> list[Problem]:
+        return [Problem("usage polling failing", self.usage_error)] if self.usage_error else []
+
     async def check_usage(self, cred: Credential) -> None:
         """Ask the usage endpoint about ``cred`` and record the answer (failures are cached as unknown)."""
         provider = self._pool.provider(cred.provider)
         if provider.usage_url is None:
             return
-        self._usage_checked[cred.id] = self._clock.time()
+        self._usage_checked[cred.id] = self._clock.monotonic()
         headers = {
             **dict(cred.auth_headers(provider.kind)),  # the one place that says how a credential presents itself
             "openai-beta": "responses=experimental",

@@ -1,7 +1,7 @@
 """credproxy's own endpoints, on the proxy's port under ``/_credproxy/``.
 
 ==========================================  ==================================================
-``GET  /_credproxy/health``                 ``{"status": "ok"}`` while the process serves
+``GET  /_credproxy/health``                 ``{"status": "ok"}``, or ``"degraded"`` and what is (still 200)
 ``GET  /_credproxy/status``                 every credential's state, usage and counters (JSON)
 ``GET  /_credproxy/metrics``                Prometheus text exposition
 ``GET  /_credproxy/which?session=&provider=``  the order a session gets, and who serves it now
@@ -11,6 +11,12 @@
 
 No answer here ever holds a token (see :mod:`proxy.admin.status`). Mounts cannot overlap the prefix
 (:mod:`proxy.config` refuses it); any other path or method under it is a 404 (``not_found``).
+
+``/health`` answers anyone (it is the container's liveness probe), so it names what is degraded by
+fixed phrases only ("state not persisted", "tokens not persisted", "credentials file unreadable",
+"Redis unavailable", "<task> restarting"); the causes, with paths and labels, are in ``/status``
+under ``degraded``. It stays HTTP 200 while degraded: restarting the process would fix none of these
+(a read-only folder, a full disk, Redis away) and would lose tokens that exist only in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from proxy.edge.client import Client, Incoming
 from proxy.edge.dispatch import admin_path
 from proxy.edge.error_body import error_response
 from proxy.observe.metrics import Metrics
+from proxy.observe.supervise import Problem
 
 log = logging.getLogger("credproxy.admin")
 
@@ -51,6 +58,11 @@ class Admin:
         self._metrics = metrics
         self.extras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.views: dict[str, Callable[[], Any]] = {}
+        self.problems: list[Callable[[], list[Problem]]] = []
+
+    def degraded(self) -> list[Problem]:
+        """Everything that does not work as it should now (the request path still serves)."""
+        return [problem for source in self.problems for problem in source()]
 
     def install(self, router: web.UrlDispatcher) -> None:
         """Every path under the prefix, for aiohttp's server (ahead of the forwarder's catch-all)."""
@@ -73,7 +85,7 @@ class Admin:
         name = path.removeprefix(ADMIN_PREFIX + "/")
         if method in ("GET", "HEAD"):
             if name == "health":
-                return web.json_response({"status": "ok"})
+                return self.health()
             if name == "status":
                 return self.status()
             if name == "metrics":
@@ -89,10 +101,17 @@ class Admin:
                 return self.unblock(parts[1])
         return error_response(404, f"credproxy has no endpoint {method} {path}", "not_found")
 
+    def health(self) -> web.Response:
+        problems = self.degraded()
+        if not problems:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "degraded", "degraded": sorted({p.what for p in problems})})
+
     def status(self) -> web.Response:
         doc = status_document(self._pool, self._clock.time(), __version__)
         for name, source in self.extras.items():
             doc[name] = source()
+        doc["degraded"] = [problem.to_json() for problem in self.degraded()]
         return _json(200, doc)
 
     def which(self, provider: str | None, session: str | None) -> web.Response:
@@ -113,7 +132,7 @@ class Admin:
             return _error(404, f"no credential labelled {label!r}")
         self._pool.unblock(cred)
         log.info("credential %s unblocked by an admin request", cred.label)
-        return _json(200, credential_doc(cred, self._pool.state(cred), self._clock.time(), self._pool.secrets()))
+        return _json(200, credential_doc(cred, self._pool.view(cred), self._clock.time(), self._pool.secrets()))
 
 
 def _json(status: int, doc: object) -> web.Response:

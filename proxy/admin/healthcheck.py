@@ -3,11 +3,16 @@
 The container's ``HEALTHCHECK`` (python:slim has no curl). Standard library only for the request,
 with environment proxies off, and a short timeout; the address comes from the same config file the
 server reads (``0.0.0.0`` is asked on ``127.0.0.1``).
+
+A proxy that serves but is degraded (state not persisted, Redis unavailable...) is still healthy
+for the container (a restart would fix none of it and lose tokens held only in memory): exit 0, and
+what is degraded is printed, so ``docker inspect`` shows it in the health log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import urllib.error
 import urllib.request
@@ -32,10 +37,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with opener.open(url, timeout=args.timeout) as response:
             ok = response.status == 200
+            body = response.read(65536)
     except (urllib.error.URLError, OSError) as exc:
         print(f"unhealthy: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
+    degraded = _degraded(body)
+    if ok and degraded:
+        print(f"serving, degraded: {', '.join(degraded)} (see credproxy status)")
     return 0 if ok else 1
+
+
+def _degraded(body: bytes) -> list[str]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    found = doc.get("degraded") if isinstance(doc, dict) else None
+    return [str(item) for item in found] if isinstance(found, list) else []
 
 
 if __name__ == "__main__":

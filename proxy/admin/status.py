@@ -39,7 +39,8 @@ def state_of(state: CredentialState, now: float) -> str:
 
 
 def credential_doc(cred: Credential, state: CredentialState, now: float, known: Sequence[str] = ()) -> dict[str, Any]:
-    """One credential's public view; ``known``: the secrets no code may show (the pool's tokens)."""
+    """One credential's public view; ``state`` is :meth:`~proxy.core.pool.Pool.view`'s (its block's end on
+    today's clock); ``known``: the secrets no code may show (the pool's tokens)."""
     name = state_of(state, now)
     reason = state.block_reason if name == BLOCKED else state.disabled
     doc: dict[str, Any] = {
@@ -71,7 +72,7 @@ def status_document(pool: Pool, now: float, version: str) -> dict[str, Any]:
                 "kind": provider.kind,
                 "selector": provider.selector,
                 "credentials": [
-                    credential_doc(c, pool.state(c), now, pool.secrets()) for c in pool.credentials(provider.name)
+                    credential_doc(c, pool.view(c), now, pool.secrets()) for c in pool.credentials(provider.name)
                 ],
             }
         )
@@ -92,7 +93,7 @@ def which_document(pool: Pool, provider: str, session_id: str | None, now: float
         "session": session_id,
         "session_hash": f"{fnv1a_utf16(session_id):08x}" if session_id is not None else None,
         "selector": pool.provider(provider).selector,
-        "order": [{"label": c.label, "kind": c.kind, "state": state_of(pool.state(c), now)} for c in order],
+        "order": [{"label": c.label, "kind": c.kind, "state": state_of(pool.view(c), now)} for c in order],
         "serving": serving,
         "last_served": last_cred.label if last_cred is not None else None,
         "now": now,

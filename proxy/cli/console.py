@@ -191,22 +191,9 @@ def render_status(doc: Mapping[str, Any], url: str) -> str:
             )
         else:
             out.append("  (no credentials: every request gets 503)")
-    for problem in _file_problems(doc):
-        out.append(f"\nwarning: {problem}")
+    for problem in doc.get("degraded") or []:
+        out.append(f"\nwarning: {problem['what']}: {problem['detail']}")
     return "\n".join(out)
-
-
-def _file_problems(doc: Mapping[str, Any]) -> list[str]:
-    problems = []
-    files = doc.get("files") or {}
-    if files.get("state_write_error"):
-        problems.append(f"the state file cannot be written: {files['state_write_error']}")
-    if files.get("credentials_file_error"):
-        problems.append(f"the credentials file changed but cannot be used: {files['credentials_file_error']}")
-    tokens = doc.get("tokens") or {}
-    if tokens.get("unpersisted"):
-        problems.append(f"refreshed tokens not yet written to the credentials file: {', '.join(tokens['unpersisted'])}")
-    return problems
 
 
 def render_which(doc: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import orjson
 
 from proxy import __version__
 from proxy.accounts.importer import import_report
-from proxy.app import POOL, known_secrets, make_app, serve
+from proxy.app import POOL, known_secrets, make_app, serve, unpersisted_report
 from proxy.cli import console, demo
 from proxy.config import check_listen, is_loopback, load_config
 from proxy.edge import eventloop, memory
@@ -29,6 +29,9 @@ from proxy.observe import logs
 from proxy.storage.client_tokens import client_usage, init_token_file
 
 log = logging.getLogger("credproxy")
+
+#: ``credproxy serve`` stopped with refreshed tokens it could not write (the accounts need a re-login).
+EXIT_UNPERSISTED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
 
     eventloop.run(serve(app, listen.host, listen.port, ready))
+    report = unpersisted_report(app)
+    if report is not None:
+        log.critical(report)
+        return EXIT_UNPERSISTED
     return 0
 
 

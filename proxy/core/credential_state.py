@@ -122,3 +122,15 @@ def expire(entry: Entry, now: float) -> Entry:
     if entry.blocked_until and entry.blocked_until <= now:
         return replace(entry, blocked_until=0.0, blocked_since=0.0, reason="", attention=False)
     return entry
+
+
+def remaining(entry: Entry, now: float) -> float:
+    """Seconds the block of ``entry`` has left at wall-clock time ``now`` (0 or less: it has ended).
+
+    A block that started after ``now`` was written on a wall clock ahead of ours (another host's, or
+    ours before it stepped back): it has at most its whole length left, not that length plus the step.
+    """
+    left = entry.blocked_until - now
+    if entry.blocked_since > now:
+        left = min(left, entry.blocked_until - entry.blocked_since)
+    return left

@@ -6,6 +6,17 @@ to ``listeners`` (persistence, shared state, metrics follow without the pool kno
 and views from other processes come back through :meth:`Pool.apply`, merged by
 :func:`proxy.core.credential_state.merge`.
 
+**Time.** A block's end is kept twice: ``blocked_until``, the wall-clock epoch second it was
+announced for (what the state file and Redis hold and other processes merge), and
+``block_deadline``, a deadline on the monotonic clock (what this process decides with). A block is
+over when either has passed: a wall clock that steps back (NTP, a VM restored) cannot lengthen it,
+and one that steps forward (a suspend, which the monotonic clock does not count) can only end it
+early (reliability F37). Views from elsewhere are converted at the boundary (:meth:`Pool.apply`,
+:func:`proxy.core.credential_state.remaining`); a copy of a block this process holds or held is
+recognised by its (start, end) and never converted again, so the state file handing back an
+old-clock copy of our own block cannot start it over. What is shown (status, metrics, Retry-After)
+comes from :meth:`Pool.view`: the end on today's wall clock.
+
 It also remembers, for recent sessions, which credential served them last: that tells a new session
 from a returning one (the soft limit steers only new sessions) and a session that switches accounts
 (whose account-bound state must be dropped).
@@ -13,14 +24,14 @@ from a returning one (the soft limit steers only new sessions) and a session tha
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from proxy.config import Provider
 from proxy.core import selection
 from proxy.core.clock import Clock
-from proxy.core.credential_state import EMPTY, Entry, merge
+from proxy.core.credential_state import EMPTY, Entry, merge, remaining
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import public_code
@@ -29,21 +40,26 @@ from proxy.errors import NoCredentialAvailable
 
 #: How many sessions the pool remembers (least recently used are forgotten).
 MAX_SESSIONS = 10_000
+#: Blocks remembered per credential, to recognise copies of them coming back from the state file or Redis.
+KNOWN_BLOCKS = 8
 
 
 @dataclass(slots=True)
 class CredentialState:
     """One credential's state in this process: its :class:`Entry` (blocked, disabled, usage: the part that
-    is persisted and shared with other processes, replaced whole on each change) and the counters that
-    stay in this process. The properties read the entry; only the pool changes either."""
+    is persisted and shared with other processes, replaced whole on each change), the block's end on
+    this process's monotonic clock, and counters that stay in this process. The properties read the
+    entry; only the pool changes either."""
 
     entry: Entry = EMPTY
+    block_deadline: float = 0.0  # the block's end on the monotonic clock: what this process decides with
     consecutive_limits: int = 0
     served: int = 0
     last_error: str = ""
 
     @property
     def blocked_until(self) -> float:
+        """The block's end in wall-clock epoch seconds, as persisted and shared."""
         return self.entry.blocked_until
 
     @property
@@ -79,7 +95,7 @@ class CredentialState:
 
     @property
     def usage(self) -> UsageSnapshot | None:
-        """The latest usage windows seen (Codex accounts)."""
+        """The latest usage windows seen (Codex accounts, Anthropic keys)."""
         return self.entry.usage
 
 
@@ -102,6 +118,7 @@ class Pool:
         self._by_id: dict[str, Credential] = {}
         self._sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._secrets: tuple[str, ...] | None = None
+        self._known: dict[str, deque[tuple[float, float]]] = {}  # id -> (since, until) of its latest blocks
         self.listeners: list[Listener] = []
         for name in self._providers:
             self.replace(name, credentials.get(name, ()))
@@ -140,7 +157,8 @@ class Pool:
         # A flag raised for an older token (before a re-login or a new key) no longer applies.
         entry = state.entry
         if entry.disabled and entry.disabled_token and entry.disabled_token != cred.fingerprint:
-            state.entry = replace(entry, disabled="", disabled_since=0.0, disabled_token="")
+            attention = entry.attention and self._left(state) > 0
+            state.entry = replace(entry, disabled="", disabled_since=0.0, disabled_token="", attention=attention)
 
     def providers(self) -> Iterable[Provider]:
         return self._providers.values()
@@ -178,6 +196,39 @@ class Pool:
     def state(self, cred: Credential) -> CredentialState:
         return self._state[cred.id]
 
+    def view(self, cred: Credential) -> CredentialState:
+        """``cred``'s state as shown: ``blocked_until`` is when its block ends on today's wall clock (0: ended)."""
+        state = self._state[cred.id]
+        entry = state.entry
+        if not entry.blocked_until:
+            return state
+        now, mono = self._clock.time(), self._clock.monotonic()
+        left_wall, left_mono = entry.blocked_until - now, state.block_deadline - mono
+        if min(left_wall, left_mono) <= 0:
+            return replace(state, entry=replace(entry, blocked_until=0.0))
+        if left_wall <= left_mono:
+            return state
+        return replace(state, entry=replace(entry, blocked_until=now + left_mono))
+
+    def entry(self, cred: Credential) -> Entry:
+        """What to persist and share of ``cred``'s state: a block that has ended here is left out."""
+        state = self._state[cred.id]
+        entry = state.entry
+        return entry if self._left(state) > 0 or not entry.blocked_until else _without_block(entry)
+
+    def _left(self, state: CredentialState) -> float:
+        """Seconds until the block ends (0 or less: not blocked); the earlier of its two clocks."""
+        until = state.entry.blocked_until
+        if not until:
+            return 0.0
+        return min(until - self._clock.time(), state.block_deadline - self._clock.monotonic())
+
+    def _remember(self, cred_id: str, state: CredentialState) -> None:
+        known = self._known.setdefault(cred_id, deque(maxlen=KNOWN_BLOCKS))
+        block = (state.blocked_since, state.blocked_until)
+        if block not in known:
+            known.append(block)
+
     # Selection -------------------------------------------------------------------------------
 
     def order(self, provider: str, session_id: str | None, advance: bool = True) -> list[Credential]:
@@ -209,8 +260,12 @@ class Pool:
         return self._sessions.get((provider, session_id))
 
     def available(self, cred: Credential, now: float) -> bool:
-        entry = self._state[cred.id].entry
-        return not entry.disabled and entry.blocked_until <= now
+        """Not disabled, and not blocked at wall-clock time ``now`` or by the block's monotonic deadline."""
+        state = self._state[cred.id]
+        entry = state.entry
+        if entry.disabled:
+            return False
+        return entry.blocked_until <= now or state.block_deadline <= self._clock.monotonic()
 
     # Outcomes --------------------------------------------------------------------------------
 
@@ -219,13 +274,16 @@ class Pool:
         state = self._state[cred.id]
         entry = state.entry
         now = self._clock.time()
-        if verdict.until > entry.blocked_until:
-            since = now if entry.blocked_until <= now else entry.blocked_since
+        current = self._left(state)
+        if verdict.until - now > current:
+            # A new block (or one dated before a clock step back) starts now; a longer one keeps its start.
+            since = now if current <= 0 or entry.blocked_since > now else entry.blocked_since
             reason = public_code(verdict.reason, self.secrets())
-            entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=reason)
+            state.entry = entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=reason)
+            state.block_deadline = self._clock.monotonic() + (verdict.until - now)
+            self._remember(cred.id, state)
         if verdict.attention and not entry.attention:
-            entry = replace(entry, attention=True)
-        state.entry = entry
+            state.entry = replace(entry, attention=True)
         state.consecutive_limits += 1
         state.last_error = public_code(verdict.reason, self.secrets())
         self._changed(cred, state)
@@ -246,7 +304,7 @@ class Pool:
         state.entry = state.entry.with_usage(snapshot)
         now = self._clock.time()
         until = exhausted_until(snapshot, now) if block else None
-        if until is not None and until > state.blocked_until:
+        if until is not None and until - now > self._left(state):
             self.block(cred, Verdict(Kind.LIMITED, reason="usage_exhausted", until=until, source=snapshot.source))
             return
         self._changed(cred, state)
@@ -262,7 +320,7 @@ class Pool:
             if len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
         entry = state.entry
-        if entry.attention and not entry.disabled and entry.blocked_until <= self._clock.time():
+        if entry.attention and not entry.disabled and self._left(state) <= 0:
             state.entry = replace(entry, attention=False)
             self._changed(cred, state)
 
@@ -274,6 +332,7 @@ class Pool:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""
         state = self._state[cred.id]
         state.entry = Entry(unblocked_at=self._clock.time(), usage=state.entry.usage)
+        state.block_deadline = 0.0
         state.consecutive_limits = 0
         self._changed(cred, state)
 
@@ -285,17 +344,25 @@ class Pool:
             return False
         if remote.disabled and remote.disabled_token and remote.disabled_token != cred.fingerprint:
             remote = replace(remote, disabled="", disabled_since=0.0, disabled_token="")
-        merged = merge(state.entry, remote)
-        if merged == state.entry:
+        if remote.blocked_until and (remote.blocked_since, remote.blocked_until) in self._known.get(cred_id, ()):
+            remote = _without_block(remote)  # a copy of a block we hold or held: nothing new in it
+        before = state.entry
+        merged = merge(self.entry(cred), remote)
+        if merged == before:
             return False
+        if not merged.blocked_until:
+            state.block_deadline = 0.0
+        elif (merged.blocked_since, merged.blocked_until) != (before.blocked_since, before.blocked_until):
+            state.block_deadline = self._clock.monotonic() + remaining(merged, self._clock.time())
         state.entry = merged
+        if merged.blocked_until:
+            self._remember(cred_id, state)
         return True
 
     def unavailable(self, provider: str) -> NoCredentialAvailable:
         """The error for "nothing can serve ``provider`` now": 429 with a retry time, or 503."""
         creds = self.credentials(provider)
-        entries = [self._state[c.id].entry for c in creds]
-        waits = [e.blocked_until for e in entries if not e.disabled]
+        waits = [self.view(c).blocked_until for c in creds if not self._state[c.id].entry.disabled]
         if not creds:
             return NoCredentialAvailable(provider, None, f"no credentials are configured for provider {provider!r}")
         if not waits:
@@ -307,3 +374,7 @@ class Pool:
     def _changed(self, cred: Credential, state: CredentialState) -> None:
         for listener in self.listeners:
             listener(cred, state)
+
+
+def _without_block(entry: Entry) -> Entry:
+    return replace(entry, blocked_until=0.0, blocked_since=0.0, reason="", attention=False)

@@ -109,14 +109,14 @@ class Metrics(Collector):
 
     def on_change(self, cred: Credential, state: CredentialState) -> None:
         """Pool listener: count a block when a credential's block starts or grows, a disable when it starts."""
-        until, disabled = self._seen.get(cred.id, (0.0, ""))
-        if state.blocked_until > until and state.blocked_until > self._clock.time():
+        deadline, disabled = self._seen.get(cred.id, (0.0, ""))
+        if state.block_deadline > deadline and state.block_deadline > self._clock.monotonic():
             key = (cred.provider, reason_label(state.block_reason))
             self.blocks[key] = self.blocks.get(key, 0) + 1
         if state.disabled and state.disabled != disabled:
             key = (cred.provider, reason_label(state.disabled))
             self.disables[key] = self.disables.get(key, 0) + 1
-        self._seen[cred.id] = (state.blocked_until, state.disabled)
+        self._seen[cred.id] = (state.block_deadline, state.disabled)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -204,7 +204,7 @@ class PoolCollector(Collector):
         )
         for provider in self._pool.providers():
             for cred in self._pool.credentials(provider.name):
-                state = self._pool.state(cred)
+                state = self._pool.view(cred)
                 current = state_of(state, now)
                 values = [provider.name, cred.label]
                 for name in STATES:

@@ -22,6 +22,7 @@ from proxy.config import Config
 from proxy.core.clock import Clock
 from proxy.core.pool import Pool
 from proxy.core.secret import public_code
+from proxy.observe.supervise import Problem
 from proxy.storage.file_backend import FileSync
 
 
@@ -30,12 +31,17 @@ class StateBackend(Protocol):
         """Begin syncing (called once the event loop runs)."""
         ...
 
-    async def close(self) -> None:
-        """Stop, after a last attempt to write what is pending."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop, after a last attempt to write what is pending; tokens that exist only in memory are
+        tried again until they are written or the event loop's clock reaches ``deadline``."""
         ...
 
     def status(self) -> dict[str, Any]:
         """What an operator needs to know (never a secret)."""
+        ...
+
+    def problems(self) -> list[Problem]:
+        """What does not work as it should now (state not written, Redis away, a task restarting)."""
         ...
 
 
@@ -51,7 +57,7 @@ def state_view(pool: Pool, backend: StateBackend, now: float) -> dict[str, Any]:
     """The body of ``GET /_credproxy/state``: this replica's view of every credential, and its backend."""
     credentials = []
     for cred in pool.all_credentials():
-        state = pool.state(cred)
+        state = pool.view(cred)
         credentials.append(
             {
                 "provider": cred.provider,

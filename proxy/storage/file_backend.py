@@ -14,6 +14,16 @@ One task per application, woken by changes and by a short poll interval:
   reported once and the last good view keeps serving; its fix is logged. Tokens that exist only in memory (a write
   failed) are never replaced by the file's older ones, and their write is retried.
 
+The task is supervised (:class:`proxy.observe.supervise.Supervised`): an error nobody expected is
+logged once, the task starts over after a back-off, and status and ``/_credproxy/health`` say "file
+sync restarting" until a round goes through. Expected faults of the folder (read-only, full, not
+ours: every ``OSError`` of a lock file, temp file or write) never reach it: they are retried with
+back-off and reported as "state not persisted", "tokens not persisted" or "credentials file
+unreadable", while requests are served from memory.
+
+At shutdown the state is written once more, and tokens that exist only in memory are written again
+and again until they land or the shutdown's grace period ends (see :meth:`FileSync.close`).
+
 File I/O runs in threads; the event loop never blocks on the disk.
 """
 
@@ -34,6 +44,7 @@ from proxy.core.credential_state import Entry, expire, merge
 from proxy.core.credentials import Credential, parse_credentials
 from proxy.core.pool import CredentialState, Pool
 from proxy.errors import ConfigError, CredproxyError, StoreError
+from proxy.observe.supervise import Problem, Supervised
 from proxy.storage import files
 from proxy.storage.private_files import check_private
 
@@ -42,6 +53,9 @@ log = logging.getLogger("credproxy.sync")
 POLL_INTERVAL = 1.0
 DEBOUNCE = 0.2
 RETRY_MAX = 60.0
+#: At shutdown, tokens that exist only in memory are written again after these delays (until the grace ends).
+FINAL_RETRY_FIRST = 0.25
+FINAL_RETRY_MAX = 2.0
 STATE_VERSION = 1
 
 
@@ -88,7 +102,7 @@ class FileSync:
         self.state_file = state_path(config.credentials_file)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.supervisor = Supervised("file sync", self._run)
         self._credentials_sig = _signature(self.credentials_file)
         self._state_sig: tuple[int, int, int] | None = None
         self._retry_at = 0.0
@@ -116,18 +130,27 @@ class FileSync:
             self._pool.apply(cred_id, expire(entry, now))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="credproxy-sync")
+        self.supervisor.start()
 
-    async def close(self) -> None:
-        """Stop, then make a last attempt to write what is pending."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._write_state()
-        if self._custodian is not None:
+    def task_done(self) -> bool:
+        """True once the background task has ended (only :meth:`close` ends it)."""
+        return not self.supervisor.running()
+
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop, then write what is pending: the state once more, and tokens that exist only in memory
+        until they are written or the event loop's clock reaches ``deadline`` (at least once)."""
+        await self.supervisor.stop()
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            await self._write_state()
+            if self._custodian is None or not self._custodian.unpersisted:
+                return
             await self._custodian.flush()
+            if not self._custodian.unpersisted or deadline is None or loop.time() >= deadline:
+                return
+            attempt += 1
+            await asyncio.sleep(min(backoff(attempt, FINAL_RETRY_FIRST, FINAL_RETRY_MAX), deadline - loop.time()))
 
     # The loop ---------------------------------------------------------------------------------
 
@@ -141,12 +164,16 @@ class FileSync:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as the
+            # event is set, and this loop would then outlive close().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             if self._wake.is_set():
                 self._wake.clear()
                 await asyncio.sleep(DEBOUNCE)  # let a burst of changes land in one write
             await self.step()
+            self.supervisor.ok()
 
     async def step(self) -> None:
         """One round: write pending state, read what others wrote, retry unpersisted tokens."""
@@ -161,7 +188,7 @@ class FileSync:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
-        ours = {cid: self._pool.state(cred).entry for cid in dirty if (cred := self._pool.by_id(cid)) is not None}
+        ours = {cid: self._pool.entry(cred) for cid in dirty if (cred := self._pool.by_id(cid)) is not None}
         now = self._clock.time()
 
         def change(doc: dict[str, Any]) -> bool:
@@ -181,15 +208,18 @@ class FileSync:
             self._dirty |= {c.id for c in self._pool.all_credentials()}
             await asyncio.to_thread(self._set_aside, exc)
             return
-        except CredproxyError as exc:
+        except (CredproxyError, OSError) as exc:
+            error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
             self._dirty |= dirty
             self._failures += 1
             delay = backoff(self._failures, 1.0, RETRY_MAX)
             self._retry_at = self._clock.monotonic() + delay
-            if self.write_error != str(exc):
-                log.error("cannot persist credential state (%s); serving from memory, retrying", exc)
-            self.write_error = str(exc)
+            if self.write_error != error:
+                log.error("cannot persist credential state (%s); serving from memory, retrying", error)
+            self.write_error = error
             return
+        if self.write_error:
+            log.info("credential state written again to %s", self.state_file)
         self._failures, self.write_error = 0, ""
         self._state_sig = _signature(self.state_file)
         # What the file held for other credentials (or newer views of ours) comes back to us too.
@@ -239,9 +269,12 @@ class FileSync:
         try:
             doc = await asyncio.to_thread(files.read_document, self.credentials_file)
             loaded = parse_credentials(self.credentials_file, doc, names, self._config.kinds)
-        except CredproxyError as exc:
-            self.credentials_error = str(exc)
-            log.error("the credentials file changed but cannot be used (%s); still serving the last good view", exc)
+        except (CredproxyError, OSError) as exc:
+            self.credentials_error = files.describe(exc) if isinstance(exc, OSError) else str(exc)
+            log.error(
+                "the credentials file changed but cannot be used (%s); still serving the last good view",
+                self.credentials_error,
+            )
             return
         if self.credentials_error:
             count = sum(len(loaded[name]) for name in names)
@@ -262,6 +295,14 @@ class FileSync:
         """The file's credential, unless memory holds tokens the file does not have yet."""
         mine = unpersisted.get(cred.id)
         return self._pool.current(mine) if mine is not None else cred
+
+    def problems(self) -> list[Problem]:
+        found = self.supervisor.problems()
+        if self.write_error:
+            found.append(Problem("state not persisted", self.write_error))
+        if self.credentials_error:
+            found.append(Problem("credentials file unreadable", self.credentials_error))
+        return found
 
     def status(self) -> dict[str, Any]:
         return {

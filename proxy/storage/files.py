@@ -3,7 +3,10 @@
 This is the only module that opens the credentials file and the state file. Each is guarded by a
 sibling lock file (``auth.json.lock``, flock through ``filelock``): ``os.replace`` swaps the data
 file's inode on every write, so a lock on the data file itself would protect nothing. Lock waits are
-bounded and reported as "locked", never as "no credentials".
+bounded and reported as "locked", never as "no credentials". A lock file that cannot be made at all
+(a read-only folder, a full disk, a folder we may not write) is a :class:`StoreError` for a write; a read
+then goes ahead without the lock (every credproxy write replaces the file atomically, and a torn
+read of someone else's in-place write fails to parse and is reported like any broken edit).
 
 A write is a read-modify-write under the lock (:func:`update_document`): the current file is read and
 parsed, the change applied to it (so credentials this process has never seen are kept), and the
@@ -57,17 +60,31 @@ def parse_document(path: Path, raw: bytes) -> dict[str, Any]:
 
 
 def read_document(path: Path, lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
-    """Read and parse the credentials file under its lock."""
+    """Read and parse the credentials file under its lock (without it, when the lock file cannot be made)."""
+    lock = lock_for(path, lock_timeout)
     try:
-        with lock_for(path, lock_timeout):
-            raw = path.read_bytes()
+        lock.acquire()
+        locked = True
     except Timeout:
         raise StoreLocked(f"{path} is locked by another process (waited {lock_timeout:g} s)") from None
+    except OSError:
+        locked = False  # a read-only folder: nobody writing through credproxy can hold this lock either
+    try:
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, "", "the credentials file does not exist (see README: 'Credentials file')") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read the credentials file ({exc.strerror or exc})") from None
+    finally:
+        if locked:
+            _release(lock)
     return parse_document(path, raw)
+
+
+def _release(lock: FileLock) -> None:
+    # Releasing closes the lock file; an error there (EIO) changes nothing for the data read or written.
+    with contextlib.suppress(OSError):
+        lock.release()
 
 
 def load_credentials(
@@ -85,7 +102,7 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
-        raise StoreError(f"cannot write {path}: {_describe(exc)}") from None
+        raise StoreError(f"cannot write {path}: {describe(exc)}") from None
     try:
         try:
             view = memoryview(data)
@@ -106,7 +123,7 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise StoreError(f"cannot write {path}: {_describe(exc)}") from None
+        raise StoreError(f"cannot write {path}: {describe(exc)}") from None
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -115,7 +132,7 @@ def atomic_write(path: Path, data: bytes, hook: WriteHook | None = None) -> None
             os.close(dir_fd)
     except OSError as exc:
         # The new file is in place; only its durability across a power cut is in doubt.
-        raise StoreError(f"wrote {path} but could not sync its directory: {_describe(exc)}") from None
+        raise StoreError(f"wrote {path} but could not sync its directory: {describe(exc)}") from None
 
 
 def _private_mode(target: Path) -> int:
@@ -128,7 +145,8 @@ def _private_mode(target: Path) -> int:
     return mode if mode & 0o400 else 0o600
 
 
-def _describe(exc: OSError) -> str:
+def describe(exc: OSError) -> str:
+    """An OSError as a person reads it: 'Read-only file system (EROFS)' (never its file's content)."""
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{exc.strerror or exc} ({name})" if name else str(exc.strerror or exc)
 
@@ -155,20 +173,26 @@ def update_document(
     Returns the document as written (or as read, when nothing changed). A file that does not parse is
     left alone and raises :class:`ConfigError`; a missing file is an empty document when ``missing_ok``.
     """
+    lock = lock_for(path, lock_timeout)
     try:
-        with lock_for(path, lock_timeout):
-            _remove_stray_temp_files(path)
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                if not missing_ok:
-                    raise ConfigError(path, "", "the file does not exist") from None
-                raw = b"{}"
-            except OSError as exc:
-                raise StoreError(f"cannot read {path}: {_describe(exc)}") from None
-            doc = parse_document(path, raw) if raw.strip() or not missing_ok else {}
-            if change(doc):
-                atomic_write(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n", hook)
-            return doc
+        lock.acquire()
     except Timeout:
         raise StoreLocked(f"{path} is locked by another process (waited {lock_timeout:g} s)") from None
+    except OSError as exc:
+        raise StoreError(f"cannot lock {path}: {describe(exc)}") from None
+    try:
+        _remove_stray_temp_files(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if not missing_ok:
+                raise ConfigError(path, "", "the file does not exist") from None
+            raw = b"{}"
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {describe(exc)}") from None
+        doc = parse_document(path, raw) if raw.strip() or not missing_ok else {}
+        if change(doc):
+            atomic_write(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n", hook)
+        return doc
+    finally:
+        _release(lock)

@@ -19,6 +19,11 @@ keeps the local state file and reloads the credentials file):
 * **tokens**: OAuth tokens that rotate are shared through :mod:`proxy.storage.redis_custody`; a note on the
   channel makes the other replicas adopt them at once (and write them to their own credentials file).
 
+**Supervised.** The task runs under :class:`proxy.observe.supervise.Supervised`: an error other than
+an outage (a bug) is logged once, the task starts over after a back-off, and status and
+``/_credproxy/health`` say "Redis sync restarting" until a resynchronisation goes through ("Redis
+unavailable" while Redis is away).
+
 **Outage.** When Redis stops answering (every call is bounded by ``state.timeout``), the link is
 marked down and that is logged once. Replicas go on serving from their local view; changes pile up
 as dirty marks; refreshes use the local file lock. The task reconnects with back-off; once Redis
@@ -49,6 +54,7 @@ from proxy.core.clock import Clock
 from proxy.core.credential_state import Entry, expire, merge
 from proxy.core.credentials import Credential
 from proxy.core.pool import CredentialState, Pool
+from proxy.observe.supervise import Problem, Supervised
 from proxy.storage.file_backend import FileSync
 from proxy.storage.redis_custody import RedisTokens
 from proxy.storage.redis_keys import (
@@ -92,7 +98,7 @@ class RedisState:
         self._urgent = False
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.supervisor = Supervised("Redis sync", self._run)
         self._failures = 0
         self._pulled = 0.0
         self.received = 0
@@ -101,21 +107,17 @@ class RedisState:
     async def start(self) -> None:
         """Start the file backend and the Redis task; wait (at most two timeouts) for the first sync."""
         await self.files.start()
-        self._task = asyncio.create_task(self._run(), name="credproxy-redis")
+        self.supervisor.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 2 * self.link.timeout)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def close(self, deadline: float | None = None) -> None:
+        await self.supervisor.stop()
         if self.link.up and self._dirty:
             with contextlib.suppress(RedisUnavailable):
                 await self._push(sorted(self._dirty))
         await self.link.close()
-        await self.files.close()
+        await self.files.close(deadline)
 
     def _changed(self, cred: Credential, state: CredentialState) -> None:
         availability = (state.blocked_until, state.disabled, state.unblocked_at)
@@ -128,14 +130,15 @@ class RedisState:
     # The task ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Sessions until cancelled; an outage starts the next one after a back-off, any other error
+        goes to the supervisor."""
         while True:
             try:
                 await self._session()
             except* RedisUnavailable:
                 pass  # the link logged it (once)
-            except* Exception:
-                log.exception("the Redis state sync failed; restarting it")
-            self._ready.set()  # serve without Redis rather than wait for it
+            finally:
+                self._ready.set()  # serve without Redis rather than wait for it
             self._failures += 1
             await asyncio.sleep(backoff(self._failures, RETRY_FIRST, RETRY_MAX))
 
@@ -153,6 +156,7 @@ class RedisState:
             self.link.restored()
             self._ready.set()
             self._failures = 0
+            self.supervisor.ok()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._listen(pubsub))
                 group.create_task(self._follow())
@@ -162,8 +166,9 @@ class RedisState:
 
     async def _follow(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: wait_for may swallow a cancel (3.11)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             if not self.link.up:
                 raise RedisUnavailable("a Redis call failed elsewhere")  # resynchronise from scratch
             if self._wake.is_set():
@@ -226,7 +231,7 @@ class RedisState:
         changed = {}
         for n, cred in enumerate(creds):
             theirs = decode_entry(stored[2 * n], stored[2 * n + 1], now)
-            merged = expire(merge(theirs, self._pool.state(cred).entry), now)
+            merged = expire(merge(theirs, self._pool.entry(cred)), now)
             if merged != theirs:
                 changed[cred.id] = merged
         return changed
@@ -291,6 +296,12 @@ class RedisState:
         newer = await self.tokens.newest(cred)
         if newer is not None:
             await self._custodian.adopt(newer)
+
+    def problems(self) -> list[Problem]:
+        found = self.files.problems() + self.supervisor.problems()
+        if not self.link.up:
+            found.append(Problem("Redis unavailable", f"{self.link.where}: {self.link.error or 'not connected yet'}"))
+        return found
 
     def status(self) -> dict[str, Any]:
         status = self.files.status()

@@ -262,3 +262,22 @@ async def test_the_file_is_re_read_under_the_lock_before_the_token_endpoint_is_c
     adopted = p.pool.credentials("openai-codex")[0].refresh
     assert adopted is not None
     assert adopted.reveal() == newer["refresh"]
+
+
+async def test_a_refresh_back_off_lasts_its_length_when_the_wall_clock_steps_back(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
+) -> None:
+    """Issue 13 case 7: the 30 s back-off after a failed refresh is a duration (monotonic), not an hour more."""
+    # Expired two hours ago: still expired after the wall clock steps back one.
+    entries = [accounts.add("acct-a", label="a", expires_in=-7200), accounts.add("acct-b", label="b")]
+    p = await proxy({"openai-codex": entries})
+    accounts.failures = [502]
+    status, headers = await ask(p, session_for(0, 2))
+    assert (status, headers["x-credproxy-credential"]) == (200, "b")
+    clock.jump(-3600)
+    clock.advance(29)
+    assert (await ask(p, session_for(0, 2)))[1]["x-credproxy-credential"] == "b"
+    clock.advance(2)
+    status, headers = await ask(p, session_for(0, 2))
+    assert (status, headers["x-credproxy-credential"]) == (200, "a")
+    assert accounts.token_calls == [("acct-a", 1)]

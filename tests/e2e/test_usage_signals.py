@@ -6,6 +6,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from proxy.app import ACCOUNTS
+from proxy.core import usage
 from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.testing.fake_accounts import FakeAccounts
@@ -74,6 +76,39 @@ async def test_a_failing_usage_endpoint_is_asked_once_a_minute(
         status, headers, _ = await ask(p, sid)
         assert (status, headers["x-credproxy-credential"]) == (200, "a")
     assert usage_calls(fake) == ["acct-a"]
+
+
+async def test_an_unexpected_error_in_a_usage_check_fails_no_request_and_is_reported_once(
+    proxy: ProxyFactory,
+    fake: FakeUpstream,
+    accounts: FakeAccounts,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Usage polling is supervised: a bug in it is logged once, reported, and never reaches a request."""
+    fake.on(accounts.model(), path="/responses")
+    entries = [accounts.add("acct-a", label="a"), accounts.add("acct-b", label="b")]
+    p = await proxy({"openai-codex": entries})
+
+    def broken(doc: object, now: float) -> None:
+        raise ValueError("an answer nobody expected")
+
+    monkeypatch.setattr(usage, "from_endpoint", broken)
+    for n in range(4):
+        status, headers, _ = await ask(p, session_for(n % 2, 2))
+        assert (status, headers["x-credproxy-credential"]) == (200, "ab"[n % 2])
+    assert usage_calls(fake) == ["acct-a", "acct-b"]
+    assert len([r for r in caplog.records if "an answer nobody expected" in r.getMessage()]) == 1
+    async with p.get("/_credproxy/health") as r:
+        assert await r.json() == {"status": "degraded", "degraded": ["usage polling failing"]}
+    monkeypatch.undo()
+    clock.advance(61)
+    await ask(p, session_for(0, 2))
+    await wait_until(lambda: p.app[ACCOUNTS].problems() == [])
+    assert len(usage_calls(fake)) == 3
+    async with p.get("/_credproxy/health") as r:
+        assert await r.json() == {"status": "ok"}
 
 
 async def test_codex_headers_of_every_answer_update_usage_and_block_an_exhausted_account(

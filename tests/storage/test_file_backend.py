@@ -193,3 +193,32 @@ async def test_wall_clock_jumps_never_make_a_block_permanent(
     assert not p.pool.available(cred, clock.time())
     clock.jump(3600 + 600)
     assert p.pool.available(cred, clock.time())
+
+
+async def test_a_block_ends_on_time_after_the_wall_clock_steps_back(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    """Issue 13 case 7: a 60 s block lasts 60 s although the wall clock stepped back an hour, with the
+    state file written and read back meanwhile; a client is told to wait 60 s, not an hour."""
+    fake.on(rate_limit(headers={"retry-after": "60"}), times=2)
+    p = await proxy(keys(*KEYS))
+    sync = p.app[SYNC]
+    async with p.post("/openai/responses", json={}) as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "60"
+    await sync.step()
+    cred = p.pool.credentials("openai")[0]
+    assert read_state(state_path(p.credentials_file))[cred.id].blocked_until == clock.time() + 60  # epoch seconds
+
+    clock.jump(-3600)
+    clock.advance(10)
+    await sync.step()
+    async with p.post("/openai/responses", json={}) as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "50"
+    assert len(fake.records) == 2  # blocked: no upstream contact
+    clock.advance(50)
+    await sync.step()  # writes and reads the state file again: the old copy of the block must not come back
+    assert await ask(p) == (200, "openai#1")
+    await sync.step()
+    assert await ask(p) == (200, "openai#1")

@@ -231,6 +231,55 @@ async def test_redis_down_requests_go_on_the_outage_is_logged_once_and_state_con
     assert all(key not in caplog.text for key in KEYS)
 
 
+async def test_health_names_an_outage_and_an_unexpected_error_restarts_the_redis_sync(
+    replica: Replica,
+    fake: FakeUpstream,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Supervised: a bug in the Redis sync is logged once and the task starts over; the health check and
+    status say what is degraded (an outage, a restarting task) while requests are served."""
+    one = await replica("one", keys(*KEYS))
+    sync = backend(one)
+    sync.supervisor.first = sync.supervisor.cap = 0.02
+    rounds = 0
+
+    async def broken() -> None:
+        nonlocal rounds
+        rounds += 1
+        raise RuntimeError("an unexpected bug")
+
+    async def health() -> Any:
+        async with one.get("/_credproxy/health") as r:
+            assert r.status == 200
+            return await r.json()
+
+    caplog.set_level(logging.ERROR)
+    monkeypatch.setattr(sync, "_reconcile_tokens", broken)  # runs in every round of the sync
+    await wait_until(lambda: rounds >= 5)
+    assert [r.getMessage().split(";")[0] for r in caplog.records if "unexpected bug" in r.getMessage()] == [
+        "Redis sync failed (RuntimeError: an unexpected bug)"
+    ]
+    assert (await health())["degraded"] == ["Redis sync restarting"]
+    assert (await ask(one))[0] == 200
+    monkeypatch.undo()
+    await wait_until(lambda: sync.problems() == [])
+    assert await health() == {"status": "ok"}
+
+    await redis_server.kill()
+    assert (await ask(one, "x"))[0] == 200
+    await wait_until(lambda: not sync.link.up)
+    assert await health() == {"status": "degraded", "degraded": ["Redis unavailable"]}
+    async with one.get("/_credproxy/status") as r:
+        [problem] = (await r.json())["degraded"]
+    assert problem["what"] == "Redis unavailable"
+    assert redis_server.url in problem["detail"]
+    await redis_server.start()
+    await wait_until(lambda: sync.problems() == [], within=15.0)
+    assert await health() == {"status": "ok"}
+
+
 async def test_a_replica_starts_and_serves_while_redis_is_not_there_yet(
     replica: Replica, fake: FakeUpstream, redis_server: RedisServer, clock: ManualClock
 ) -> None:
