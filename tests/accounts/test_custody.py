@@ -249,7 +249,7 @@ async def test_the_file_is_re_read_under_the_lock_before_the_token_endpoint_is_c
     """Step 3 of custody, directly: another process already refreshed and wrote the file, so the token
     endpoint gets no call at all. (Counting successful calls is not enough: without the re-read, the
     old refresh token is refused, the failure path re-reads, and the request still succeeds.)"""
-    entry = accounts.add("acct-a", expires_in=60)
+    entry = accounts.add("acct-a", expires_in=-1)  # expired: no request is served before the refresh
     p = await proxy({"openai-codex": [entry]})
     accounts._issue(accounts.families["acct-a"])  # the other process redeemed the refresh token...
     newer = accounts.entry("acct-a")
