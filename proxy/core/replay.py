@@ -35,7 +35,7 @@ verdict           credential   action
 ok / error        any          PASS: the answer goes to the client as it is
 limited           any          BLOCK: block the credential until the reset, try the next one
 unauthorized      api_key      DISABLE: the key says it is invalid; keep it in the file, try the next
-refused           api_key      SKIP: a 401 that does not say why; condemn nothing, try the next one
+refused           api_key      SKIP: a 401 that does not say why; condemn nothing yet, try the next
 unauthorized,     oauth        REFRESH: refresh the token once, replay on the same credential;
 refused                        refused again: "needs re-login", try the next one
 bad_continuation  api_key      PASS
@@ -53,12 +53,15 @@ The rules around the table:
 3. **Account-bound headers** (``x-codex-turn-state``, given as ``account_bound``) are dropped from an
    attempt on a credential other than the one that served the session last, and once the request
    has been sent with another credential.
-4. **Refusals the request caused must not condemn the pool.** A refusal that would take a
-   credential out (DISABLE, "needs re-login") or SKIP it is held, not carried out, until the next
-   credential answers. When that one refuses the same way (same status, kind and reason), the
-   refusal is the request's: the second answer goes to the client, the held one is dropped and no
-   third credential is tried or condemned. Any other answer carries the held refusal out; so does
-   the end of the order, or an interruption.
+4. **Refusals the request caused must not condemn the pool.** The classifier knows what says the
+   key itself is invalid (``invalid_api_key``, "Incorrect API key", a deactivated account): that key
+   is disabled at once and the next one tried, so a pool with two dead keys still serves from the
+   third. What the classifier cannot explain (a 401 that does not say why, a 401 on fresh tokens: a
+   SKIP, or an account's "needs re-login") is held, not carried out, until the next credential
+   answers. When that one refuses the same way (same status, kind and reason), the refusal is the
+   request's: the second answer goes to the client, the held one is dropped and no third credential
+   is tried or condemned. Any other answer carries the held refusal out; so does the end of the
+   order, or an interruption.
 
 Replays happen only while nothing has reached the client: a response is committed only once the
 action is PASS (and, for SSE, once its first event has been checked). Network failures are not in
@@ -319,13 +322,14 @@ class ReplayPlan:
                 retried.add(cred.id)
                 return (Refresh(cred),)
             condemn = NEEDS_RELOGIN
-        elif action is Action.DISABLE:
-            condemn = INVALID_API_KEY
         if action is Action.PASS:
             return (*self._release(), self._commit(cred, verdict))
         if action is Action.BLOCK:
             return self._next(now, (*self._release(), Block(cred, verdict)))
-        # A refusal (DISABLE, SKIP, or a second 401): held until the next credential answers (rule 4).
+        if action is Action.DISABLE:
+            # The key says it is invalid: the classifier knows this one (rule 4), no second opinion needed.
+            return self._next(now, (*self._release(), Disable(cred, INVALID_API_KEY, verdict)))
+        # A refusal the classifier cannot explain (SKIP, or a second 401): held until the next answer (rule 4).
         signature = (status, kind, verdict.reason)
         held = self._held
         if held is not None and held.signature == signature:

@@ -169,8 +169,9 @@ def test_the_table_has_one_action_for_every_verdict_and_credential_kind() -> Non
         # BLOCK: block it, try the next (api keys are sent at once; accounts are prepared first).
         (LIMITED, A, B, (Block(A, LIMITED), send(B))),
         (LIMITED, X, Y, (Block(X, LIMITED), Prepare(Y))),
-        # DISABLE: the key says it is invalid; the disable is held until the next one answers (rule 4).
-        (INVALID, A, B, (send(B),)),
+        # DISABLE: the key says it is invalid: disabled at once, the next one tried (rule 4).
+        (INVALID, A, B, (Disable(A, INVALID_API_KEY, INVALID), send(B))),
+        (REVOKED, A, B, (Disable(A, INVALID_API_KEY, REVOKED), send(B))),
         # SKIP: a 401 that does not say why; nothing to condemn.
         (REFUSED, A, B, (send(B),)),
         # REFRESH: an account's 401, whatever it says.
@@ -191,13 +192,15 @@ def test_each_row_of_the_table(
     assert answer(plan, verdict) == expected
 
 
-@pytest.mark.parametrize(("verdict", "status"), [(INVALID, 401), (REVOKED, 401), (REFUSED, 401)])
-def test_a_held_refusal_is_carried_out_when_the_next_credential_answers_otherwise(
-    verdict: Verdict, status: int
-) -> None:
+def test_a_skipped_key_owes_nothing_when_the_next_credential_serves() -> None:
+    trace = drive(make([A, B]), {"a": [REFUSED], "b": [OK]})
+    assert trace == [send(A), send(B), Commit(B, OK)]
+
+
+@pytest.mark.parametrize("verdict", [INVALID, REVOKED])
+def test_a_key_that_says_it_is_invalid_is_disabled_before_the_next_is_tried(verdict: Verdict) -> None:
     trace = drive(make([A, B]), {"a": [verdict], "b": [OK]})
-    expected_effects = [Disable(A, INVALID_API_KEY, verdict)] if verdict.kind is Kind.UNAUTHORIZED else []
-    assert trace == [send(A), send(B), *expected_effects, Commit(B, OK)]
+    assert trace == [send(A), Disable(A, INVALID_API_KEY, verdict), send(B), Commit(B, OK)]
 
 
 def test_an_empty_or_unavailable_order_is_exhausted_at_once() -> None:
@@ -382,10 +385,23 @@ def test_providers_without_account_bound_headers_drop_nothing() -> None:
 # Rule 4: refusals the request caused must not condemn the pool ----------------------------------
 
 
-@pytest.mark.parametrize("verdict", [INVALID, REFUSED, REVOKED])
-def test_two_keys_refusing_the_same_way_end_the_replay_and_condemn_neither(verdict: Verdict) -> None:
+def test_two_keys_refusing_the_same_unexplained_way_end_the_replay_and_condemn_neither() -> None:
+    trace = drive(make([A, B, C]), {"a": [REFUSED], "b": [REFUSED], "c": [OK]})
+    assert trace == [send(A), send(B), Commit(B, REFUSED, spared=A)]
+
+
+@pytest.mark.parametrize("verdict", [INVALID, REVOKED])
+def test_two_dead_keys_are_both_disabled_and_the_third_serves(verdict: Verdict) -> None:
+    """The guard is for what the classifier cannot explain: a key that says it is invalid is believed."""
     trace = drive(make([A, B, C]), {"a": [verdict], "b": [verdict], "c": [OK]})
-    assert trace == [send(A), send(B), Commit(B, verdict, spared=A)]
+    assert trace == [
+        send(A),
+        Disable(A, INVALID_API_KEY, verdict),
+        send(B),
+        Disable(B, INVALID_API_KEY, verdict),
+        send(C),
+        Commit(C, OK),
+    ]
 
 
 def test_two_accounts_refusing_the_same_way_after_a_refresh_condemn_neither() -> None:
@@ -407,33 +423,38 @@ def test_two_accounts_refusing_the_same_way_after_a_refresh_condemn_neither() ->
 @pytest.mark.parametrize(
     ("first", "second", "second_status"),
     [
-        (INVALID, REVOKED, 401),  # another reason
-        (INVALID, REFUSED, 401),  # another kind
+        (REFUSED, Verdict(Kind.REFUSED, "forbidden"), 401),  # another reason
+        (REFUSED, INVALID, 401),  # another kind
         # Another status: no 403 is classified a refusal today, but the signature holds the status all the same.
         (REFUSED, Verdict(Kind.REFUSED, "unauthorized"), 403),
     ],
 )
-def test_different_refusals_in_a_row_each_condemn(first: Verdict, second: Verdict, second_status: int) -> None:
+def test_different_refusals_in_a_row_break_the_row(first: Verdict, second: Verdict, second_status: int) -> None:
     plan = make([A, B, C])
     plan.start(NOW)
     assert answer(plan, first) == (send(B),)
-    condemned_a = (Disable(A, INVALID_API_KEY, first),) if first.kind is Kind.UNAUTHORIZED else ()
-    assert plan.answered(second, second_status, NOW) == (*condemned_a, send(C))
     condemned_b = (Disable(B, INVALID_API_KEY, second),) if second.kind is Kind.UNAUTHORIZED else ()
-    assert answer(plan, OK) == (*condemned_b, Commit(C, OK))
+    assert plan.answered(second, second_status, NOW) == (*condemned_b, send(C))
+    assert answer(plan, OK) == (Commit(C, OK),)
 
 
 def test_a_limit_between_two_refusals_breaks_the_row() -> None:
-    trace = drive(make([A, B, C]), {"a": [INVALID], "b": [LIMITED], "c": [INVALID]})
-    assert trace == [
-        send(A),
-        send(B),
-        Disable(A, INVALID_API_KEY, INVALID),
-        Block(B, LIMITED),
-        send(C),
-        Disable(C, INVALID_API_KEY, INVALID),
-        EXHAUSTED,
+    trace = drive(make([A, B, C]), {"a": [REFUSED], "b": [LIMITED], "c": [REFUSED]})
+    assert trace == [send(A), send(B), Block(B, LIMITED), send(C), EXHAUSTED]
+
+
+def test_a_limit_between_two_relogins_breaks_the_row_and_both_are_carried_out() -> None:
+    trace = drive(
+        make([X, Y, Z]),
+        {"x": [REFUSED, REFUSED], "y": [LIMITED], "z": [REFUSED, REFUSED]},
+        refreshed={"x": X2, "z": Z2},
+    )
+    assert effects(trace) == [
+        Disable(X2, NEEDS_RELOGIN, REFUSED),
+        Block(Y, LIMITED),
+        Disable(Z2, NEEDS_RELOGIN, REFUSED),
     ]
+    assert trace[-1] == EXHAUSTED
 
 
 def test_a_credential_skipped_by_prepare_does_not_break_the_row() -> None:
@@ -456,10 +477,13 @@ def test_the_only_key_refusing_is_condemned() -> None:
 
 
 def test_an_interruption_carries_out_what_is_held_once() -> None:
-    plan = make([A, B])
-    plan.start(NOW)
-    answer(plan, INVALID)
-    assert plan.interrupted() == (Disable(A, INVALID_API_KEY, INVALID),)
+    plan = make([X, Y])
+    assert plan.start(NOW) == (Prepare(X),)
+    assert plan.prepared(X, NOW) == (send(X),)
+    assert answer(plan, REFUSED) == (Refresh(X),)
+    assert plan.refreshed(X2, NOW) == (send(X2),)
+    assert answer(plan, REFUSED) == (Prepare(Y),)  # x2's "needs re-login" is held while y is asked
+    assert plan.interrupted() == (Disable(X2, NEEDS_RELOGIN, REFUSED),)
     assert plan.interrupted() == ()
     assert make([A]).interrupted() == ()
 

@@ -51,8 +51,7 @@ async def restarted(p: RunningProxy, proxy: ProxyFactory) -> RunningProxy:
     [
         (401, MISSING_SCOPES, 1),  # the request's: passed on at once
         (429, REQUEST_TOO_LARGE, 1),  # requested above the limit: no wait helps, no key would take it
-        (401, INCORRECT_API_KEY, 2),  # every key says so for this request: the guard stops at the second
-        (401, ACCOUNT_DEACTIVATED, 2),
+        # Every key refuses this request in a way the classifier cannot explain: the guard stops at the second.
         (401, {"error": {"message": "something the classifier does not know"}}, 2),
     ],
 )
@@ -76,6 +75,23 @@ async def test_a_refusal_every_key_gives_goes_to_the_client_and_condemns_no_key_
     got, headers, _ = await post(p)
     assert (got, headers["x-credproxy-attempts"]) == (200, "1")
     assert fake.tokens()[-1] == ORDER[0]  # the session's own key still serves it
+
+
+@pytest.mark.parametrize("body", [INCORRECT_API_KEY, ACCOUNT_DEACTIVATED])
+async def test_keys_that_say_they_are_invalid_are_each_disabled_and_a_good_one_serves(
+    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock, body: dict[str, Any]
+) -> None:
+    """The guard is for what the classifier cannot explain: two dead keys in a row do not keep the
+    session from the third, good one."""
+    fake.on(json_body(401, body), token=ORDER[0])
+    fake.on(json_body(401, body), token=ORDER[1])
+    p = await proxy(keys(*KEYS))
+    got, headers, _ = await post(p)
+    label = f"openai#{KEYS.index(ORDER[2]) + 1}"
+    assert (got, headers["x-credproxy-attempts"], headers["x-credproxy-credential"]) == (200, "3", label)
+    assert fake.tokens() == ORDER
+    creds = p.pool.credentials("openai")
+    assert [p.pool.state(creds[KEYS.index(key)]).disabled for key in ORDER] == ["invalid_api_key"] * 2 + [""]
 
 
 async def test_one_invalid_key_is_still_disabled_and_stays_disabled_across_a_restart(

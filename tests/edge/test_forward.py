@@ -133,8 +133,8 @@ async def test_a_key_that_says_it_is_invalid_is_disabled_once_the_next_one_serve
     assert state(f, label(ORDER[1])).disabled == ""
 
 
-@pytest.mark.parametrize("body", [INCORRECT_API_KEY, ACCOUNT_DEACTIVATED, {"error": {"message": "nope"}}])
-async def test_two_keys_refused_the_same_way_get_the_client_the_answer_and_condemn_nobody(body: object) -> None:
+async def test_two_keys_refused_the_same_unexplained_way_get_the_client_the_answer_and_condemn_nobody() -> None:
+    body = {"error": {"message": "nope"}}
     transport = MockTransport([Reply.json(401, body, [("x-request-id", "req_2")])] * 2)
     f = forwarder(transport, keys(*KEYS))
     client = await ask(f)
@@ -142,6 +142,16 @@ async def test_two_keys_refused_the_same_way_get_the_client_the_answer_and_conde
     assert tokens(transport) == ORDER[:2]  # the third key is never tried
     for key in KEYS:
         assert f._pool.available(f._pool.credentials("openai")[KEYS.index(key)], f._clock.time())
+
+
+@pytest.mark.parametrize("body", [INCORRECT_API_KEY, ACCOUNT_DEACTIVATED])
+async def test_two_keys_that_say_they_are_invalid_are_disabled_and_the_third_serves(body: object) -> None:
+    transport = MockTransport([Reply.json(401, body), Reply.json(401, body), Reply.json(200, OK)])
+    f = forwarder(transport, keys(*KEYS))
+    client = await ask(f)
+    assert (client.status, orjson.loads(client.body)) == (200, OK)
+    assert tokens(transport) == ORDER
+    assert [state(f, label(key)).disabled for key in ORDER] == ["invalid_api_key", "invalid_api_key", ""]
 
 
 async def test_missing_scopes_pass_to_the_client_at_once() -> None:
@@ -170,7 +180,7 @@ async def test_the_only_key_refusing_is_disabled_and_the_client_gets_503() -> No
     assert state(f, "openai#1").disabled == "invalid_api_key"
 
 
-async def test_a_held_disable_is_carried_out_when_the_next_attempt_fails_on_the_network() -> None:
+async def test_a_disable_stands_when_the_next_attempt_fails_on_the_network() -> None:
     refused = Reply.failure(ConnectFailed("refused"))
     transport = MockTransport([Reply.json(401, INCORRECT_API_KEY), refused, refused])
     f = forwarder(transport, keys(*KEYS))
