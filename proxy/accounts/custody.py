@@ -307,6 +307,9 @@ class Custodian:
                     return await self._without_custody(cred, "Redis cannot say who holds its refresh custody")
                 return await self._locked(self._pool.current(cred), reason, fence)
         except StoreError as exc:
+            # Status names it on the account (a busy lock, or a lock file the folder refuses).
+            code = "refresh_locked" if isinstance(exc, StoreLocked) else "lock_file_error"
+            self._pool.failed(cred, f"refresh_failed:{code}")
             return await self._without_custody(cred, str(exc))
         except Exception:
             # A refresh must never take the requests waiting on it down with it.
@@ -420,6 +423,7 @@ class Custodian:
             now = self._clock.time()
             await self._record(current, Attempt(fp, Outcome.DEAD, now, failures), spend=True)
             self._relogin(current, f"the token endpoint answered {code}")
+            self._pool.failed(current, f"refresh_failed:{code}")  # status says why, beside "needs re-login"
             return None
         outcome = Outcome.AMBIGUOUS if result.ambiguous else Outcome.REFUSED
         wait = self._retry_in(failures)

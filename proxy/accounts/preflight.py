@@ -111,13 +111,11 @@ class Accounts:
             return
         self._usage_checked[cred.id] = self._clock.monotonic()
         headers = {
-            "Authorization": f"Bearer {cred.token.reveal()}",
+            **dict(cred.auth_headers(provider.kind)),  # the one place that says how a credential presents itself
             "openai-beta": "responses=experimental",
             "originator": "codex_cli_rs",
             "Accept": "application/json",
         }
-        if cred.account_id:
-            headers["chatgpt-account-id"] = cred.account_id
         self.usage_calls += 1
         try:
             async with (

@@ -35,6 +35,21 @@ class Entry:
     unblocked_at: float = 0.0
     usage: UsageSnapshot | None = None
 
+    def with_usage(self, usage: UsageSnapshot | None) -> Entry:
+        """This entry with other usage windows (positional: ``replace`` costs several times as much, and
+        this runs on every Codex answer that carries usage headers)."""
+        return Entry(
+            self.blocked_until,
+            self.blocked_since,
+            self.reason,
+            self.attention,
+            self.disabled,
+            self.disabled_since,
+            self.disabled_token,
+            self.unblocked_at,
+            usage,
+        )
+
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
         if self.blocked_until:

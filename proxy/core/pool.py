@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from proxy.config import Provider
 from proxy.core import selection
 from proxy.core.clock import Clock
-from proxy.core.credential_state import Entry, merge, remaining
+from proxy.core.credential_state import EMPTY, Entry, merge, remaining
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind, Verdict
 from proxy.core.secret import public_code
@@ -46,33 +46,57 @@ KNOWN_BLOCKS = 8
 
 @dataclass(slots=True)
 class CredentialState:
-    blocked_until: float = 0.0  # wall-clock epoch seconds, as persisted and shared
-    block_deadline: float = 0.0  # the same end on the monotonic clock: what this process decides with
-    blocked_since: float = 0.0
-    block_reason: str = ""
-    attention: bool = False  # a human must act (billing, plan, re-login)
-    # Why the credential is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled.
-    disabled: str = ""
-    disabled_since: float = 0.0
-    disabled_token: str = ""  # fingerprint of the token the flag was raised for
-    unblocked_at: float = 0.0
-    usage: UsageSnapshot | None = None  # the latest usage windows seen (Codex accounts)
+    """One credential's state in this process: its :class:`Entry` (blocked, disabled, usage: the part that
+    is persisted and shared with other processes, replaced whole on each change), the block's end on
+    this process's monotonic clock, and counters that stay in this process. The properties read the
+    entry; only the pool changes either."""
+
+    entry: Entry = EMPTY
+    block_deadline: float = 0.0  # the block's end on the monotonic clock: what this process decides with
     consecutive_limits: int = 0
     served: int = 0
     last_error: str = ""
 
-    def entry(self) -> Entry:
-        return Entry(
-            blocked_until=self.blocked_until,
-            blocked_since=self.blocked_since,
-            reason=self.block_reason,
-            attention=self.attention,
-            disabled=self.disabled,
-            disabled_since=self.disabled_since,
-            disabled_token=self.disabled_token,
-            unblocked_at=self.unblocked_at,
-            usage=self.usage,
-        )
+    @property
+    def blocked_until(self) -> float:
+        """The block's end in wall-clock epoch seconds, as persisted and shared."""
+        return self.entry.blocked_until
+
+    @property
+    def blocked_since(self) -> float:
+        return self.entry.blocked_since
+
+    @property
+    def block_reason(self) -> str:
+        return self.entry.reason
+
+    @property
+    def attention(self) -> bool:
+        """A human must act: billing or plan (a flagged block), or a disable (invalid key, re-login)."""
+        return self.entry.attention or bool(self.entry.disabled)
+
+    @property
+    def disabled(self) -> str:
+        """Why it is out of rotation until a human acts ("invalid_api_key", "needs_relogin"); "" when enabled."""
+        return self.entry.disabled
+
+    @property
+    def disabled_since(self) -> float:
+        return self.entry.disabled_since
+
+    @property
+    def disabled_token(self) -> str:
+        """Fingerprint of the token the disable was raised for."""
+        return self.entry.disabled_token
+
+    @property
+    def unblocked_at(self) -> float:
+        return self.entry.unblocked_at
+
+    @property
+    def usage(self) -> UsageSnapshot | None:
+        """The latest usage windows seen (Codex accounts, Anthropic keys)."""
+        return self.entry.usage
 
 
 Listener = Callable[[Credential, CredentialState], None]
@@ -131,9 +155,10 @@ class Pool:
 
     def _check_disabled_token(self, cred: Credential, state: CredentialState) -> None:
         # A flag raised for an older token (before a re-login or a new key) no longer applies.
-        if state.disabled and state.disabled_token and state.disabled_token != cred.fingerprint:
-            state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
-            state.attention = self._left(state) > 0 and state.attention
+        entry = state.entry
+        if entry.disabled and entry.disabled_token and entry.disabled_token != cred.fingerprint:
+            attention = entry.attention and self._left(state) > 0
+            state.entry = replace(entry, disabled="", disabled_since=0.0, disabled_token="", attention=attention)
 
     def providers(self) -> Iterable[Provider]:
         return self._providers.values()
@@ -174,27 +199,29 @@ class Pool:
     def view(self, cred: Credential) -> CredentialState:
         """``cred``'s state as shown: ``blocked_until`` is when its block ends on today's wall clock (0: ended)."""
         state = self._state[cred.id]
-        if not state.blocked_until:
+        entry = state.entry
+        if not entry.blocked_until:
             return state
         now, mono = self._clock.time(), self._clock.monotonic()
-        left_wall, left_mono = state.blocked_until - now, state.block_deadline - mono
+        left_wall, left_mono = entry.blocked_until - now, state.block_deadline - mono
         if min(left_wall, left_mono) <= 0:
-            return replace(state, blocked_until=0.0)
+            return replace(state, entry=replace(entry, blocked_until=0.0))
         if left_wall <= left_mono:
             return state
-        return replace(state, blocked_until=now + left_mono)
+        return replace(state, entry=replace(entry, blocked_until=now + left_mono))
 
     def entry(self, cred: Credential) -> Entry:
         """What to persist and share of ``cred``'s state: a block that has ended here is left out."""
         state = self._state[cred.id]
-        entry = state.entry()
+        entry = state.entry
         return entry if self._left(state) > 0 or not entry.blocked_until else _without_block(entry)
 
     def _left(self, state: CredentialState) -> float:
         """Seconds until the block ends (0 or less: not blocked); the earlier of its two clocks."""
-        if not state.blocked_until:
+        until = state.entry.blocked_until
+        if not until:
             return 0.0
-        return min(state.blocked_until - self._clock.time(), state.block_deadline - self._clock.monotonic())
+        return min(until - self._clock.time(), state.block_deadline - self._clock.monotonic())
 
     def _remember(self, cred_id: str, state: CredentialState) -> None:
         known = self._known.setdefault(cred_id, deque(maxlen=KNOWN_BLOCKS))
@@ -235,35 +262,37 @@ class Pool:
     def available(self, cred: Credential, now: float) -> bool:
         """Not disabled, and not blocked at wall-clock time ``now`` or by the block's monotonic deadline."""
         state = self._state[cred.id]
-        if state.disabled:
+        entry = state.entry
+        if entry.disabled:
             return False
-        return state.blocked_until <= now or state.block_deadline <= self._clock.monotonic()
+        return entry.blocked_until <= now or state.block_deadline <= self._clock.monotonic()
 
     # Outcomes --------------------------------------------------------------------------------
 
     def block(self, cred: Credential, verdict: Verdict) -> None:
         """Block ``cred`` until ``verdict.until``; a new block never shortens an existing one."""
         state = self._state[cred.id]
+        entry = state.entry
         now = self._clock.time()
         current = self._left(state)
         if verdict.until - now > current:
-            if current <= 0 or state.blocked_since > now:  # a new block (or one dated before a clock step back)
-                state.blocked_since = now
-            state.blocked_until = verdict.until
+            # A new block (or one dated before a clock step back) starts now; a longer one keeps its start.
+            since = now if current <= 0 or entry.blocked_since > now else entry.blocked_since
+            reason = public_code(verdict.reason, self.secrets())
+            state.entry = entry = replace(entry, blocked_until=verdict.until, blocked_since=since, reason=reason)
             state.block_deadline = self._clock.monotonic() + (verdict.until - now)
-            state.block_reason = public_code(verdict.reason, self.secrets())
             self._remember(cred.id, state)
-        state.attention = state.attention or verdict.attention
+        if verdict.attention and not entry.attention:
+            state.entry = replace(entry, attention=True)
         state.consecutive_limits += 1
         state.last_error = public_code(verdict.reason, self.secrets())
         self._changed(cred, state)
 
     def disable(self, cred: Credential, reason: str) -> None:
         state = self._state[cred.id]
-        state.disabled = reason
-        state.disabled_since = self._clock.time()
-        state.disabled_token = cred.fingerprint
-        state.attention = True
+        state.entry = replace(
+            state.entry, disabled=reason, disabled_since=self._clock.time(), disabled_token=cred.fingerprint
+        )
         state.last_error = public_code(reason, self.secrets())
         self._changed(cred, state)
 
@@ -272,7 +301,7 @@ class Pool:
         state = self._state[cred.id]
         if state.usage is not None and state.usage.observed_at > snapshot.observed_at:
             return
-        state.usage = snapshot
+        state.entry = state.entry.with_usage(snapshot)
         now = self._clock.time()
         until = exhausted_until(snapshot, now) if block else None
         if until is not None and until - now > self._left(state):
@@ -290,8 +319,9 @@ class Pool:
             self._sessions.move_to_end(key)
             if len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        if state.attention and not state.disabled and self._left(state) <= 0:
-            state.attention = False
+        entry = state.entry
+        if entry.attention and not entry.disabled and self._left(state) <= 0:
+            state.entry = replace(entry, attention=False)
             self._changed(cred, state)
 
     def failed(self, cred: Credential, reason: str) -> None:
@@ -301,11 +331,8 @@ class Pool:
     def unblock(self, cred: Credential) -> None:
         """Put ``cred`` back in rotation now (admin action); wins over older blocks elsewhere too."""
         state = self._state[cred.id]
-        state.unblocked_at = self._clock.time()
-        state.blocked_until = state.blocked_since = state.block_deadline = 0.0
-        state.block_reason = ""
-        state.disabled, state.disabled_since, state.disabled_token = "", 0.0, ""
-        state.attention = False
+        state.entry = Entry(unblocked_at=self._clock.time(), usage=state.entry.usage)
+        state.block_deadline = 0.0
         state.consecutive_limits = 0
         self._changed(cred, state)
 
@@ -319,7 +346,7 @@ class Pool:
             remote = replace(remote, disabled="", disabled_since=0.0, disabled_token="")
         if remote.blocked_until and (remote.blocked_since, remote.blocked_until) in self._known.get(cred_id, ()):
             remote = _without_block(remote)  # a copy of a block we hold or held: nothing new in it
-        before = state.entry()
+        before = state.entry
         merged = merge(self.entry(cred), remote)
         if merged == before:
             return False
@@ -327,11 +354,7 @@ class Pool:
             state.block_deadline = 0.0
         elif (merged.blocked_since, merged.blocked_until) != (before.blocked_since, before.blocked_until):
             state.block_deadline = self._clock.monotonic() + remaining(merged, self._clock.time())
-        state.blocked_until, state.blocked_since = merged.blocked_until, merged.blocked_since
-        state.block_reason, state.attention = merged.reason, merged.attention or bool(merged.disabled)
-        state.disabled, state.disabled_since = merged.disabled, merged.disabled_since
-        state.disabled_token, state.unblocked_at = merged.disabled_token, merged.unblocked_at
-        state.usage = merged.usage
+        state.entry = merged
         if merged.blocked_until:
             self._remember(cred_id, state)
         return True
@@ -339,7 +362,7 @@ class Pool:
     def unavailable(self, provider: str) -> NoCredentialAvailable:
         """The error for "nothing can serve ``provider`` now": 429 with a retry time, or 503."""
         creds = self.credentials(provider)
-        waits = [self.view(c).blocked_until for c in creds if not self._state[c.id].disabled]
+        waits = [self.view(c).blocked_until for c in creds if not self._state[c.id].entry.disabled]
         if not creds:
             return NoCredentialAvailable(provider, None, f"no credentials are configured for provider {provider!r}")
         if not waits:

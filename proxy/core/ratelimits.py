@@ -28,6 +28,18 @@ delay says nothing about when the limit ends); one between eight days and a year
 days (a weekly plan window fits). A reset time in the past means "now", and every block lasts at
 least one second. ``insufficient_quota`` and ``usage_not_included`` need a human (billing, plan):
 they block for a day at least and are flagged, as does Anthropic's ``billing_error``.
+
+Not every refusal is the credential's fault (issue 16: one request must not condemn the pool):
+
+* a limit answer whose message says the *request* is larger than the limit ("Request too large ...",
+  or "Limit 30000, Requested 50000": requested above the limit) is an ``ERROR``: no wait helps, no
+  other credential would take it, so it goes back to the client unchanged;
+* a ``401`` is ``UNAUTHORIZED`` (the credential is invalid: disable an API key) only when it says so:
+  ``invalid_api_key``, "Incorrect API key provided", a revoked or deactivated key or account,
+  Anthropic's ``authentication_error``. A ``401`` about missing scopes or permissions ("You have
+  insufficient permissions for this operation. Missing scopes: ...") is the request's: an ``ERROR``,
+  passed through. Any other ``401`` is ``REFUSED``: the credential may be at fault, but nothing says
+  it is invalid.
 """
 
 from __future__ import annotations
@@ -54,6 +66,14 @@ LIMIT_CODES = frozenset(
     }
 )
 ATTENTION_CODES = frozenset({"insufficient_quota", "usage_not_included", anthropic.BILLING})
+#: Codes of a 401 that say the credential itself is invalid (Anthropic's: "There's an issue with your API key").
+INVALID_CREDENTIAL_CODES = frozenset(
+    {"invalid_api_key", "account_deactivated", "api_key_revoked", "authentication_error"}
+)
+#: Codes of a 401 about what the request may do (scopes, roles), not about the credential.
+PERMISSION_CODES = frozenset(
+    {"insufficient_permissions", "missing_scope", "missing_scopes", "permission_denied", "permission_error"}
+)
 CONTINUATION_CODES = frozenset({"invalid_encrypted_content", "previous_response_not_found"})
 _KNOWN_CODES = LIMIT_CODES | CONTINUATION_CODES
 
@@ -68,7 +88,8 @@ ABSURD = 366 * 86400.0
 class Kind(Enum):
     OK = "ok"  # pass the answer through; the credential is fine
     LIMITED = "limited"  # block the credential until ``until``; replay elsewhere
-    UNAUTHORIZED = "unauthorized"  # 401: the token or key is not valid
+    UNAUTHORIZED = "unauthorized"  # 401 that says the token or key is not valid
+    REFUSED = "refused"  # 401 that does not say why (an expired token, or something the classifier does not know)
     BAD_CONTINUATION = "bad_continuation"  # 400: reasoning or response id of another account
     ERROR = "error"  # any other error: passed through untouched
 
@@ -96,6 +117,7 @@ class Verdict(NamedTuple):
 
 
 OK = Verdict(Kind.OK)
+TOO_LARGE = Verdict(Kind.ERROR, reason="request_too_large")
 
 
 def error_info(doc: object) -> ErrorInfo | None:
@@ -142,14 +164,46 @@ def classify(
     """Classify one upstream answer. ``consecutive`` counts the credential's previous limits in a row."""
     code = error.code if error else ""
     if status == 429 or code in LIMIT_CODES:
+        if error is not None and error.message and request_too_large(error.message):
+            return TOO_LARGE
         return _limited(code or "rate_limited", headers, error, now, consecutive)
     if status == 401:
-        return Verdict(Kind.UNAUTHORIZED, reason=code or "unauthorized")
+        return _unauthorized(code, error.message if error else "")
     if code in CONTINUATION_CODES:
         return Verdict(Kind.BAD_CONTINUATION, reason=code)
     if status >= 400:
         return Verdict(Kind.ERROR, reason=code or f"http_{status}")
     return OK
+
+
+_PERMISSION = re.compile(r"(?i)insufficient permissions|missing scopes?\b|\bpermission")
+_INVALID = re.compile(r"(?i)incorrect api key|invalid api key|\b(?:deactivated|revoked)\b")
+_NUMBER = re.compile(r":?\s*(\d[\d,]*)")
+
+
+def _unauthorized(code: str, message: str) -> Verdict:
+    """A 401: whose fault? Permissions are the request's; only an explicit "invalid" condemns the credential."""
+    if code in PERMISSION_CODES or (code not in INVALID_CREDENTIAL_CODES and _PERMISSION.search(message)):
+        return Verdict(Kind.ERROR, reason=code or "insufficient_permissions")
+    if code in INVALID_CREDENTIAL_CODES or _INVALID.search(message):
+        return Verdict(Kind.UNAUTHORIZED, reason=code or "invalid_api_key")
+    return Verdict(Kind.REFUSED, reason=code or "unauthorized")
+
+
+def request_too_large(message: str) -> bool:
+    """Does a limit message say the request alone exceeds the limit? The numbers decide when there are
+    some ("Limit 30000, Requested 50000"), else the words "Request too large".
+
+    Plain ``find`` (of the words without their first letter, whatever its case) rather than a regex
+    search over the whole message: this runs on every rate-limit answer."""
+    at = message.find("equested")
+    limit_at = message.rfind("imit", 0, at) if at >= 0 else -1
+    if limit_at >= 0:
+        limit = _NUMBER.match(message, limit_at + 4)
+        requested = _NUMBER.match(message, at + 8)
+        if limit is not None and requested is not None:
+            return int(requested.group(1).replace(",", "")) > int(limit.group(1).replace(",", ""))
+    return "equest too large" in message
 
 
 def _limited(code: str, headers: Mapping[str, str], error: ErrorInfo | None, now: float, consecutive: int) -> Verdict:

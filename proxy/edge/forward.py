@@ -1,10 +1,14 @@
 """The request handler: route, buffer, pick a credential, send, classify, replay or relay.
 
-The handler drives a :class:`~proxy.core.replay.ReplayPlan`. Nothing reaches the client until an
-attempt's action is PASS; error bodies (status >= 400) are read, bounded, before deciding, and a
-200 SSE stream is held until its first event has been checked. From then on the response streams
-chunk by chunk as it arrives, and a failure upstream aborts the client connection so that a broken
-stream can never look complete. Every upstream response is closed in ``finally``.
+The handler drives a :class:`~proxy.core.replay.ReplayPlan`, which makes every replay decision
+(which credential next, what to do about each classified answer, what to block or disable):
+:meth:`Forwarder._choose` performs its steps (prepare, send and classify, refresh) and its effects on
+the pool, and feeds the outcomes back; late events of a committed stream go through the same effects.
+Nothing reaches the client until the plan commits an answer; error bodies (status >= 400) are read,
+bounded, before deciding, and a 200 SSE stream is held until its first event has been checked.
+From then on the response streams chunk by chunk as it arrives, and a failure upstream aborts the
+client connection so that a broken stream can never look complete. Every upstream response is
+closed in ``finally``.
 """
 
 from __future__ import annotations
@@ -14,22 +18,33 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
-from proxy.accounts.preflight import Accounts
 from proxy.config import Config, Provider
 from proxy.core import anthropic
 from proxy.core import headers as hdrs
 from proxy.core.clock import Clock, readable_until
-from proxy.core.continuation import ACCOUNT_BOUND_HEADERS, strip_foreign_state
+from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
 from proxy.core.encoding import readable
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import LIMIT_CODES, OK, Kind, Verdict, classify, error_info
-from proxy.core.replay import Action, ReplayPlan, action_for
+from proxy.core.ratelimits import LIMIT_CODES, OK, ErrorInfo, Kind, Verdict, classify, error_info
+from proxy.core.replay import (
+    NEEDS_RELOGIN,
+    Block,
+    Command,
+    Commit,
+    Disable,
+    Prepare,
+    Refresh,
+    ReplayPlan,
+    Send,
+    stream_event,
+)
 from proxy.core.routing import check_path, find_provider, split_target, upstream_target
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import EventScanner, parse_json, split_first_event
@@ -56,16 +71,34 @@ MAX_PEEK = 256 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 #: Response headers only credproxy sets (an upstream's own are dropped).
 _OURS = frozenset({"x-credproxy-credential", "x-credproxy-attempts"})
+_NO_HEADERS: Mapping[str, str] = {}
+_NOTHING_BOUND: frozenset[str] = frozenset()
 
 
 StreamEventHook = Callable[[Credential, list[bytes]], None]
+
+
+class Preflight(Protocol):
+    """What the handler asks of the accounts step (:class:`proxy.accounts.preflight.Accounts`)."""
+
+    async def prepare(self, cred: Credential) -> Credential | None:
+        """``cred`` ready to send with (maybe with new tokens), or ``None`` to skip it now."""
+        ...
+
+    async def refresh_after_401(self, cred: Credential) -> Credential | None:
+        """New tokens to replay with once, or ``None``."""
+        ...
+
+    def observe_headers(self, cred: Credential, headers: Mapping[str, str], block: bool = True) -> None:
+        """Usage windows riding on an answer's headers."""
+        ...
 
 
 class Forwarder:
     """Holds what every request needs; :meth:`handle` is the aiohttp handler."""
 
     def __init__(
-        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Accounts | None = None
+        self, config: Config, pool: Pool, transport: Transport, clock: Clock, accounts: Preflight | None = None
     ) -> None:
         self._limits = config.limits
         self._pool = pool
@@ -129,9 +162,62 @@ class Forwarder:
         """Send the request until an answer may be passed to the client; returns that answer (open, to be
         relayed and closed by the caller), the bytes of it already read, and the credential that got it.
 
-        The relay runs after this returns, so that a long stream does not keep this frame's locals (the
+        This drives the request's :class:`~proxy.core.replay.ReplayPlan`: it carries out the plan's
+        effects, performs each step and feeds the outcome back, until the plan commits an answer. The
+        relay runs after this returns, so that a long stream does not keep this frame's locals (the
         request body, which for an agent's turn is often hundreds of KB, and the header lists) alive.
         """
+        provider, origin, target, forwarded, session_id = self._admit(request, record)
+        body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
+        # Positional: keywords cost a Python call a third more, and this runs once per request.
+        plan = ReplayPlan(
+            self._pool.order(provider.name, session_id),  # order
+            self._pool.available,  # available
+            body,
+            self._pool.last_served(provider.name, session_id),  # last_served
+            ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else _NOTHING_BOUND,  # account_bound
+            self.accounts is not None,  # custody
+        )
+        del body  # the plan holds it, and lets go of it at the commit
+        accounts = self.accounts
+        upstream: UpstreamResponse | None = None
+        prefix = b""
+        try:
+            commands = plan.start(self._clock.time())
+            while True:
+                step = commands[-1]  # the effects come first: carry them out before the step
+                if len(commands) > 1:
+                    self._carry_out(commands[:-1])
+                if type(step) is Commit:
+                    assert upstream is not None
+                    self._commit(step, upstream.status, session_id, record)
+                    committed, upstream = upstream, None
+                    return committed, prefix, step.cred
+                if upstream is not None:
+                    upstream.close()
+                    upstream = None
+                if type(step) is Send:
+                    record.tried.append(step.cred.label)
+                    upstream = await self._send(request.method, origin, target, forwarded, step, provider.kind, record)
+                    verdict, prefix = await self._inspect(upstream, step.cred, provider)
+                    commands = plan.answered(verdict, upstream.status, self._clock.time())
+                elif type(step) is Prepare:
+                    assert accounts is not None
+                    commands = plan.prepared(await accounts.prepare(step.cred), self._clock.time())
+                elif type(step) is Refresh:
+                    assert accounts is not None
+                    commands = plan.refreshed(await accounts.refresh_after_401(step.cred), self._clock.time())
+                else:
+                    raise self._pool.unavailable(provider.name)
+        except BaseException:
+            if upstream is not None:
+                upstream.close()
+            self._carry_out(plan.interrupted())
+            raise
+
+    def _admit(self, request: Incoming, record: RequestRecord) -> tuple[Provider, str, str, hdrs.Headers, str | None]:
+        """Check the request and route it: its provider, the upstream origin and target, the headers to
+        forward and the session id. Raises RequestRejected."""
         if request.method not in ALLOWED_METHODS:
             raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
         if request.version < (1, 0):
@@ -149,92 +235,75 @@ class Forwarder:
         session_id = session_id_from(request.headers, self._limits.max_session_id_length)
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
-        body = await request.read_body(self._limits.max_body_bytes, self._limits.client_body_timeout)
-        forwarded = hdrs.to_upstream(items)
         origin, base_path = self._origins[provider.name]
-        target = upstream_target(base_path, rest, query)
-        plan = ReplayPlan(self._pool, self._pool.order(provider.name, session_id))
-        last_served = self._pool.last_served(provider.name, session_id)
-        retried: set[str] = set()  # credentials already given their one same-credential retry
+        return provider, origin, upstream_target(base_path, rest, query), hdrs.to_upstream(items), session_id
 
-        cred = plan.next(self._clock.time())
-        while cred is not None:
-            if cred.kind == "oauth" and self.accounts is not None:
-                prepared = await self.accounts.prepare(cred)
-                if prepared is None:
-                    cred = plan.next(self._clock.time())
-                    continue
-                cred = prepared
-            record.tried.append(cred.label)
-            headers = forwarded
-            if provider.kind == "codex" and (
-                (last_served is not None and last_served != cred.id) or len(record.tried) > 1
-            ):
-                # The session moved to another account: its sticky-routing token belongs to the old one.
-                headers = [(k, v) for k, v in forwarded if k.lower() not in ACCOUNT_BOUND_HEADERS]
-            headers = [*headers, *cred.auth_headers(provider.kind)]
-            upstream = await self._send(request.method, origin, target, headers, body, record)
-            passed = False
-            try:
-                verdict, prefix = await self._inspect(upstream, cred, provider)
-                action = action_for(verdict.kind, cred.kind)
-                stripped = None
-                if action is Action.REPAIR:
-                    stripped = strip_foreign_state(body) if cred.id not in retried else None
-                    if stripped is None:
-                        action = Action.PASS  # nothing to strip (or already did): the client sees the 400
-                if action is Action.PASS:
-                    record.outcome = "served" if upstream.status < 400 else "upstream_status"
-                    if upstream.status < 400:
-                        self._pool.succeeded(cred, session_id)
-                    else:
-                        self._pool.failed(cred, verdict.reason)
-                    passed = True
-                    return upstream, prefix, cred
-            finally:
-                if not passed:
-                    upstream.close()
+    def _commit(self, commit: Commit, status: int, session_id: str | None, record: RequestRecord) -> None:
+        cred = commit.cred
+        if commit.spared is not None:
+            log.info(
+                "request %s: %s and %s refused it the same way (%d %s); passing the answer on, condemning neither",
+                record.request_id,
+                commit.spared.label,
+                cred.label,
+                status,
+                commit.verdict.reason,
+            )
+        if status < 400:
+            record.outcome = "served"
+            self._pool.succeeded(cred, session_id)
+        else:
+            record.outcome = "upstream_status"
+            self._pool.failed(cred, commit.verdict.reason)
 
-            if action is Action.BLOCK:
-                self._pool.block(cred, verdict)
+    def _carry_out(self, effects: Sequence[Command], then: str = "; trying the next one") -> None:
+        """The plan's effects on the pool, for the request path and late stream events alike (``then``
+        ends a block's log line: what happens to the request)."""
+        for effect in effects:
+            if type(effect) is Block:
+                verdict = effect.verdict
+                self._pool.block(effect.cred, verdict)
                 log.info(
-                    "credential %s limited (%s) until %s (from %s); trying the next one",
-                    cred.label,
+                    "credential %s limited (%s) until %s (from %s)%s",
+                    effect.cred.label,
                     verdict.reason,
                     readable_until(verdict.until, self._clock.time()),
                     verdict.source,
+                    then,
                 )
-            elif action is Action.DISABLE:
-                self._pool.disable(cred, "invalid_api_key")
-                log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
-            elif action is Action.REFRESH and self.accounts is not None and cred.id not in retried:
-                retried.add(cred.id)
-                refreshed = await self.accounts.refresh_after_401(cred)
-                if refreshed is not None:
-                    cred = refreshed
-                    continue  # replay once on the same credential with its new token
-            elif action is Action.REFRESH:
-                self._pool.disable(cred, "needs_relogin")
-                log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
-            elif action is Action.REPAIR and stripped is not None:
-                retried.add(cred.id)
-                log.info(
-                    "request %s: dropped reasoning of another account; replaying on %s", record.request_id, cred.label
-                )
-                body = stripped
-                continue
-            cred = plan.next(self._clock.time())
-        raise self._pool.unavailable(provider.name)
+            elif type(effect) is Disable:
+                self._pool.disable(effect.cred, effect.reason)
+                if effect.reason == NEEDS_RELOGIN:
+                    log.warning(
+                        "credential %s is refused (401) even after a refresh; it needs a re-login", effect.cred.label
+                    )
+                else:
+                    log.warning(
+                        "credential %s was refused (401 %s); disabled until a human fixes it",
+                        effect.cred.label,
+                        effect.verdict.reason,
+                    )
 
     async def _send(
-        self, method: str, origin: str, target: str, headers: hdrs.Headers, body: bytes, record: RequestRecord
+        self,
+        method: str,
+        origin: str,
+        target: str,
+        forwarded: hdrs.Headers,
+        send: Send,
+        provider_kind: str,
+        record: RequestRecord,
     ) -> UpstreamResponse:
         """One attempt; a refused connection (the request never left) is tried once more."""
+        drop = send.drop
+        if drop:
+            forwarded = [(k, v) for k, v in forwarded if k.lower() not in drop]
+        headers = [*forwarded, *send.cred.auth_headers(provider_kind)]
         for retry in (False, True):
             record.attempts += 1
             sent = self._clock.monotonic()
             try:
-                upstream = await self.transport.request(method, origin, target, headers, body)
+                upstream = await self.transport.request(method, origin, target, headers, send.body)
                 record.header_seconds.append(self._clock.monotonic() - sent)
                 return upstream
             except ConnectFailed:
@@ -269,13 +338,12 @@ class Forwarder:
         self, upstream: UpstreamResponse, headers: dict[str, str], cred: Credential
     ) -> tuple[Verdict, bytes]:
         status = upstream.status
-        now = self._clock.time()
-        consecutive = self._pool.state(cred).consecutive_limits
         if status >= 400:
             body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
             text = readable(body, headers.get("content-encoding")) if complete and body else None
             info = error_info(parse_json(text)) if text else None
-            return classify(status, headers, info, now, consecutive), body
+            consecutive = self._pool.state(cred).consecutive_limits
+            return classify(status, headers, info, self._clock.time(), consecutive), body
         if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
             prefix = b""
             while len(prefix) < MAX_PEEK:
@@ -287,10 +355,15 @@ class Forwarder:
                 if first is not None:
                     info = error_info(parse_json(first))
                     if info is not None and info.code in LIMIT_CODES:
-                        return classify(status, headers, info, now, consecutive), prefix
+                        return self._limit_verdict(info, headers, cred), prefix
                     break
             return OK, prefix
         return OK, b""
+
+    def _limit_verdict(self, info: ErrorInfo, headers: Mapping[str, str], cred: Credential) -> Verdict:
+        """The verdict on an SSE event that reports a limit failure (the first event, or a late one)."""
+        consecutive = self._pool.state(cred).consecutive_limits
+        return classify(200, headers, info, self._clock.time(), consecutive)
 
     async def _relay(
         self,
@@ -374,8 +447,8 @@ class Forwarder:
         for data in events:
             info = error_info(parse_json(data))
             if info is not None and info.code in LIMIT_CODES:
-                verdict = classify(200, {}, info, self._clock.time(), self._pool.state(cred).consecutive_limits)
-                self._pool.block(cred, verdict)
+                verdict = self._limit_verdict(info, _NO_HEADERS, cred)
+                self._carry_out(stream_event(cred, verdict), "; said late in a stream already passed on")
         for hook in self.stream_event_hooks:
             hook(cred, events)
 

@@ -129,3 +129,35 @@ def usage_payload(primary: float = 10.0, secondary: float = 5.0, *, now: float, 
         },
         "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
     }
+
+
+def openai_error(message: str, code: str | None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An OpenAI API error body (protocol.md section 7)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+#: Refusals of the OpenAI API, by whose fault they are (issue 16). The key's own:
+INCORRECT_API_KEY = openai_error(
+    "Incorrect API key provided: sk-abc***************************xyz. You can find your API key at "
+    "https://platform.openai.com/account/api-keys.",
+    "invalid_api_key",
+)
+ACCOUNT_DEACTIVATED = openai_error(
+    "The OpenAI account associated with this API key has been deactivated. If you are the developer for this "
+    "OpenAI app, please check your email for more information.",
+    "account_deactivated",
+)
+#: The request's: a restricted key on an endpoint it may not use, a request larger than the limit.
+MISSING_SCOPES = openai_error(
+    "You have insufficient permissions for this operation. Missing scopes: api.responses.write. Check that you "
+    "have the correct role in your organization (Reader, Writer, Owner) and project (Member, Owner), and if "
+    "you're using a restricted API key, that it has the necessary scopes.",
+    None,
+)
+REQUEST_TOO_LARGE = openai_error(
+    "Request too large for gpt-4o in organization org-fake on tokens per min (TPM): Limit 30000, Requested 50000. "
+    "The input or output tokens must be reduced in order to run successfully. Visit "
+    "https://platform.openai.com/account/rate-limits to learn more.",
+    "rate_limit_exceeded",
+    "tokens",
+)

@@ -390,6 +390,27 @@ async def test_an_answer_that_keeps_the_refresh_token_leaves_it_usable(
     assert file_entries(p)[0]["refresh"] == entry["refresh"]
 
 
+async def test_the_file_is_re_read_under_the_lock_before_the_token_endpoint_is_called(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
+) -> None:
+    """Step 3 of custody, directly: another process already refreshed and wrote the file, so the token
+    endpoint gets no call at all. (Counting successful calls is not enough: without the re-read, the
+    old refresh token is refused, the failure path re-reads, and the request still succeeds.)"""
+    entry = accounts.add("acct-a", expires_in=-1)  # expired: no request is served before the refresh
+    p = await proxy({"openai-codex": [entry]})
+    accounts._issue(accounts.families["acct-a"])  # the other process redeemed the refresh token...
+    newer = accounts.entry("acct-a")
+    await asyncio.to_thread(
+        files.update_document, p.credentials_file, lambda doc: bool(doc.update({"openai-codex": [newer]}) or True)
+    )  # ...and wrote its new tokens to the shared file
+    assert (await ask(p))[0] == 200
+    assert [r.path for r in fake.control if r.path.endswith("/oauth/token")] == []
+    assert fake.records[0].token == newer["access"]
+    adopted = p.pool.credentials("openai-codex")[0].refresh
+    assert adopted is not None
+    assert adopted.reveal() == newer["refresh"]
+
+
 async def test_a_refresh_back_off_lasts_its_length_when_the_wall_clock_steps_back(
     proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
 ) -> None:

@@ -165,13 +165,14 @@ async def test_which_names_the_problem(proxy: ProxyFactory, query: str, status: 
 
 
 def test_state_names() -> None:
+    from proxy.core.credential_state import Entry
     from proxy.core.pool import CredentialState
 
     assert state_of(CredentialState(), 10.0) == "ok"
-    assert state_of(CredentialState(blocked_until=10.0), 10.0) == "ok"
-    assert state_of(CredentialState(blocked_until=11.0), 10.0) == "blocked"
-    assert state_of(CredentialState(blocked_until=11.0, disabled="invalid_api_key"), 10.0) == "disabled"
-    assert state_of(CredentialState(disabled="needs_relogin"), 10.0) == "needs_relogin"
+    assert state_of(CredentialState(Entry(blocked_until=10.0)), 10.0) == "ok"
+    assert state_of(CredentialState(Entry(blocked_until=11.0)), 10.0) == "blocked"
+    assert state_of(CredentialState(Entry(blocked_until=11.0, disabled="invalid_api_key")), 10.0) == "disabled"
+    assert state_of(CredentialState(Entry(disabled="needs_relogin")), 10.0) == "needs_relogin"
 
 
 async def test_an_admin_path_spelled_with_percent_escapes_is_still_the_admin_endpoint(

@@ -20,7 +20,14 @@ CASES = [
         Entry(blocked_until=T + 600, blocked_since=T + 1, reason="b"),
         Entry(blocked_until=T + 600, blocked_since=T + 1, reason="b"),
     ),
-    # an unblock newer than a block voids it
+    # an unblock newer than a block voids it; so does one at the same instant (an admin's unblock is the
+    # last word on what it saw: a block that started at that instant is not newer than it)
+    (Entry(blocked_until=T + 600, blocked_since=T, reason="a"), Entry(unblocked_at=T), Entry(unblocked_at=T)),
+    (
+        Entry(disabled="invalid_api_key", disabled_since=T, disabled_token="f1"),
+        Entry(unblocked_at=T),
+        Entry(unblocked_at=T),
+    ),
     (Entry(blocked_until=T + 600, blocked_since=T, reason="a"), Entry(unblocked_at=T + 1), Entry(unblocked_at=T + 1)),
     # a block newer than the unblock survives it
     (

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.core.ratelimits import ErrorInfo, Kind, Verdict, _number, classify, error_info
+from proxy.core.ratelimits import ErrorInfo, Kind, Verdict, _number, classify, error_info, request_too_large
 from proxy.core.sse import parse_json
+from proxy.testing.fake_bodies import (
+    ACCOUNT_DEACTIVATED,
+    INCORRECT_API_KEY,
+    MISSING_SCOPES,
+    REQUEST_TOO_LARGE,
+    openai_error,
+)
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
@@ -318,7 +325,7 @@ def test_quota_and_plan_errors_need_attention_and_block_at_least_a_day(
         (200, ErrorInfo(), Verdict(Kind.OK)),
         (204, None, Verdict(Kind.OK)),
         (302, None, Verdict(Kind.OK)),
-        (401, None, Verdict(Kind.UNAUTHORIZED, reason="unauthorized")),
+        (401, None, Verdict(Kind.REFUSED, reason="unauthorized")),  # a 401 that does not say why (issue 16)
         (401, ErrorInfo(code="invalid_api_key"), Verdict(Kind.UNAUTHORIZED, reason="invalid_api_key")),
         (400, ErrorInfo(code="invalid_encrypted_content"), Verdict(Kind.BAD_CONTINUATION, "invalid_encrypted_content")),
         (
@@ -515,3 +522,106 @@ def test_real_bodies_through_error_info_and_classify(
 )
 def test_a_number_is_a_finite_json_number_or_numeric_string(value: object, expected: float | None) -> None:
     assert _number(value) == expected
+
+
+# Whose fault is a refusal? (issue 16: refusals the request caused must not condemn the pool) -------------
+
+CODEX_EXPIRED = {
+    "error": {
+        "message": "Provided authentication token is expired. Please try signing in again.",
+        "type": None,
+        "code": "token_expired",
+        "param": None,
+    }
+}
+RATE_LIMIT_WITHIN = openai_error(
+    "Rate limit reached for gpt-4o in organization org-fake on tokens per min (TPM): Limit 30000, Used 29000, "
+    "Requested 2000. Please try again in 4s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+    "rate_limit_exceeded",
+    "tokens",
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "doc", "expected"),
+    [
+        # protocol.md 7: the key itself is invalid -> UNAUTHORIZED (an API key is disabled).
+        (401, INCORRECT_API_KEY, Verdict(Kind.UNAUTHORIZED, "invalid_api_key")),
+        (401, ACCOUNT_DEACTIVATED, Verdict(Kind.UNAUTHORIZED, "account_deactivated")),
+        (401, openai_error("This API key has been revoked.", None), Verdict(Kind.UNAUTHORIZED, "invalid_api_key")),
+        (401, openai_error("Invalid API key.", None), Verdict(Kind.UNAUTHORIZED, "invalid_api_key")),
+        # protocol.md 13: Anthropic's 401 authentication_error is the key's.
+        (
+            401,
+            {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}},
+            Verdict(Kind.UNAUTHORIZED, "authentication_error"),
+        ),
+        # Missing scopes or permissions: the request's -> ERROR, passed through, never a disable.
+        (
+            401,
+            {"type": "error", "error": {"type": "permission_error", "message": "not allowed"}},
+            Verdict(Kind.ERROR, "permission_error"),
+        ),
+        (401, MISSING_SCOPES, Verdict(Kind.ERROR, "insufficient_permissions")),
+        (
+            401,
+            openai_error("You don't have permission to use this.", None),
+            Verdict(Kind.ERROR, "insufficient_permissions"),
+        ),
+        (401, openai_error("no", "insufficient_permissions"), Verdict(Kind.ERROR, "insufficient_permissions")),
+        # A 401 that does not say why -> REFUSED (an account refreshes; a key is skipped, not condemned).
+        (401, CODEX_EXPIRED, Verdict(Kind.REFUSED, "token_expired")),
+        (401, {"detail": "Unauthorized"}, Verdict(Kind.REFUSED, "unauthorized")),
+        (401, openai_error("Something else entirely.", None), Verdict(Kind.REFUSED, "unauthorized")),
+        # protocol.md 7: requested above the limit -> ERROR: no wait helps, the client gets the 429 as it is.
+        (429, REQUEST_TOO_LARGE, Verdict(Kind.ERROR, "request_too_large")),
+        (
+            429,
+            openai_error("Request too large for o3 on input tokens per min: Limit 30,000, Requested 50,000.", None),
+            Verdict(Kind.ERROR, "request_too_large"),
+        ),
+        (
+            200,
+            {"type": "response.failed", "response": {"error": REQUEST_TOO_LARGE["error"]}},
+            Verdict(Kind.ERROR, "request_too_large"),
+        ),
+        # ... but a request within the limit is an ordinary rate limit, blocked until its hint.
+        (429, RATE_LIMIT_WITHIN, Verdict(Kind.LIMITED, "rate_limit_exceeded", NOW + 4, "message")),
+        # protocol.md 3.1: plan and quota limits are the credential's.
+        (
+            429,
+            {
+                "error": {
+                    "type": "usage_limit_reached",
+                    "message": "The usage limit has been reached",
+                    "resets_in_seconds": 600,
+                }
+            },
+            Verdict(Kind.LIMITED, "usage_limit_reached", NOW + 600, "plan_window"),
+        ),
+        (
+            429,
+            openai_error("You exceeded your current quota, please check your plan.", "insufficient_quota"),
+            Verdict(Kind.LIMITED, "insufficient_quota", NOW + DAY, "default", attention=True),
+        ),
+    ],
+)
+def test_refusal_shapes(status: int, doc: object, expected: Verdict) -> None:
+    assert classify(status, {}, error_info(doc), NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.", True),
+        ("request too large", True),
+        ("Limit 30000, Used 10, Requested 50000. Please try again in 1s.", True),
+        ("Limit: 200, Requested: 201", True),
+        ("Limit 30000, Used 29000, Requested 2000. Please try again in 4s.", False),
+        ("Limit 30000, Requested 30000", False),  # exactly the limit fits once the window resets
+        ("Rate limit reached. Please try again in 1.5s.", False),
+        ("", False),
+    ],
+)
+def test_request_too_large(message: str, expected: bool) -> None:
+    assert request_too_large(message) is expected

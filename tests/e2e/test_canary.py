@@ -291,5 +291,6 @@ async def test_status_shows_codes_never_the_upstreams_text(
     assert creds["alpha"]["last_error"] == "unrecognised_error"
     assert creds["alpha"]["reason"] == "unrecognised_error"
     assert creds["bravo"]["last_error"] == "unrecognised_error"
-    assert creds["acct"]["last_error"] == "refresh_failed:invalid_grant"
+    assert creds["acct"]["last_error"] == "refresh_failed:invalid_grant"  # its leading code: a dead grant
+    assert creds["acct"]["state"] == "needs_relogin"
     assert "refresh_failed:invalid_grant" in printed

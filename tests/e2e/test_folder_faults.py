@@ -85,7 +85,8 @@ async def test_a_refresh_lock_that_cannot_be_created_never_fails_a_request(
     code: int,
     calls: frozenset[str],
 ) -> None:
-    """A valid access token keeps serving; an expired one is skipped for a back-off; nobody gets a 500."""
+    """A valid access token keeps serving; an expired one is skipped while its lock file cannot be made;
+    nobody gets a 500."""
     fake.on(accounts.model(), path="/responses")
     entries = [
         accounts.add("acct-a", label="a", expires_in=120),  # valid, but due for a refresh (5-minute margin)
@@ -107,6 +108,9 @@ async def test_a_refresh_lock_that_cannot_be_created_never_fails_a_request(
         await wait_until(idle)
         assert folder.failures["open"] >= 2  # the lock files really could not be made
         assert accounts.token_calls == []  # no refresh without the cross-process lock
+        status = await get(p, "/_credproxy/status")
+        errors = {c["label"]: c["last_error"] for v in status["providers"] for c in v["credentials"]}
+        assert errors["b"] == "refresh_failed:lock_file_error"  # status says why b is skipped
     else:  # the locks can be made, the writes fail: both are refreshed and serve on tokens only memory holds
         assert await ask(p, session_for(0, 3)) == (200, "a")  # valid: served at once, refreshed in the background
         assert await ask(p, session_for(1, 3)) == (200, "b")  # expired: waits for its refresh

@@ -157,6 +157,29 @@ def test_secrets_in_a_path_or_an_error_are_masked_on_both_ways(stream: Writes, f
         assert first["tried"] == ["***"]
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_traceback_is_redacted_like_the_message(stream: Writes, fmt: str) -> None:
+    """The traceback text of a logged exception (its message quotes a token) is masked, and still written."""
+    handler = configure(stream, fmt)
+    shaped = "sk-proj-abcdefgh12345678"
+
+    def fail(token: str) -> None:
+        raise ValueError(f"the upstream echoed {token} and {shaped}")
+
+    try:
+        fail(POOL_SECRET)
+    except ValueError:
+        logging.getLogger("credproxy.test").exception("request failed for %s", "openai#1")
+    handler.flush()
+    line = stream.getvalue()
+    for secret in (POOL_SECRET, shaped):
+        assert secret not in line
+    traceback = line if fmt == "text" else orjson.loads(line)["exception"]
+    assert "Traceback (most recent call last)" in traceback
+    assert "ValueError: the upstream echoed *** and ***" in traceback
+    assert "request failed for openai#1" in line
+
+
 def test_client_text_is_escaped_in_text_lines_both_ways(stream: Writes) -> None:
     """A decoded ``%0a`` cannot start a forged line, nor ``%1b[2J`` reach the terminal; a traceback keeps
     its own line breaks."""
