@@ -128,6 +128,12 @@ async def start_serve(
             await asyncio.sleep(0.05)
 
 
+def quick_start_env() -> dict[str, str]:
+    """The environment for a ``serve`` process that need not re-execute itself for the system allocator
+    (one interpreter start instead of two: tests that start many processes)."""
+    return {**os.environ, "PYTHONMALLOC": "malloc"}
+
+
 async def start_all(starts: Iterable[Awaitable[ServeProcess]], into: list[ServeProcess]) -> list[ServeProcess]:
     """Start processes at once; each one that started is appended to ``into`` (which the caller stops
     in its ``finally``) before the first failure, if any, is raised: none is left running unowned."""

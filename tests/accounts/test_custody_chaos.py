@@ -31,7 +31,15 @@ from proxy.core.clock import SystemClock
 from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.accounts import editor
-from tests.conftest import ServeProcess, default_providers, start_all, start_serve, stop_all_serves, write_json
+from tests.conftest import (
+    ServeProcess,
+    default_providers,
+    quick_start_env,
+    start_all,
+    start_serve,
+    stop_all_serves,
+    write_json,
+)
 
 RUN_SECONDS = 30.0
 LABELS = ("a", "b", "c", "d", "e", "f")
@@ -58,7 +66,7 @@ class Chaos:
                 async with session.post(f"{p.url}/codex/responses", json={}, headers={"session-id": sid}) as r:
                     await r.read()
                     self.statuses[r.status] += 1
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.02)
 
     async def person(self) -> None:
         """Reads the file, takes a second or two, saves that (by then stale) copy; adds two accounts."""
@@ -130,8 +138,8 @@ async def test_three_processes_one_file_editor_and_token_endpoint_faults_lose_no
     processes: list[ServeProcess] = []
     chaos = Chaos(path, fake, accounts, processes)
     try:
-        await start_all((start_serve(config) for _ in range(3)), processes)
-        clients = [chaos.client(p, f"s{n}-{i}") for n, p in enumerate(processes) for i in range(3)]
+        await start_all((start_serve(config, env=quick_start_env()) for _ in range(3)), processes)
+        clients = [chaos.client(p, f"s{n}-{i}") for n, p in enumerate(processes) for i in range(2)]
         work = asyncio.gather(*clients, chaos.person(), chaos.snapshots_of_the_file(), chaos.faults())
         await asyncio.sleep(RUN_SECONDS)
         chaos.stop.set()
@@ -142,7 +150,7 @@ async def test_three_processes_one_file_editor_and_token_endpoint_faults_lose_no
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(30):
                 while not converged:
-                    await asyncio.sleep(0.3)
+                    await asyncio.sleep(0.2)
                     converged = chaos.file_is_newest() and all([await chaos.on_newest(p) for p in processes])
         relogins = [label for p in processes for label in await chaos.relogins(p)]
     finally:

@@ -19,7 +19,7 @@ import orjson
 from proxy.core.clock import SystemClock
 from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import ServeProcess, default_providers, start_serve, stop_serve, write_json
+from tests.conftest import ServeProcess, default_providers, quick_start_env, start_serve, stop_serve, write_json
 
 RUN_SECONDS = 8.0
 
@@ -121,7 +121,7 @@ async def test_a_process_killed_during_its_token_call_leaves_an_attempt_the_next
     config = write_json(
         tmp_path / "config.json", {"credentials_file": "auth.json", "providers": default_providers(fake)}
     )
-    one = await start_serve(config)
+    one = await start_serve(config, env=quick_start_env())
     two: ServeProcess | None = None
     try:
         async with aiohttp.ClientSession() as session:
@@ -131,7 +131,7 @@ async def test_a_process_killed_during_its_token_call_leaves_an_attempt_the_next
             one.process.kill()
             await one.process.wait()
             accounts.release.set()
-            two = await start_serve(config)
+            two = await start_serve(config, env=quick_start_env())
             for _ in range(5):
                 async with session.post(f"{two.url}/codex/responses", json={}) as r:
                     assert r.status == 200

@@ -28,10 +28,20 @@ from proxy.core.clock import SystemClock
 from proxy.testing.fake_accounts import FakeAccounts, Fault
 from proxy.testing.fake_upstream import FakeUpstream
 from tests.accounts import editor
-from tests.conftest import ServeProcess, default_providers, start_all, start_serve, stop_all_serves, write_json
+from tests.conftest import (
+    ServeProcess,
+    default_providers,
+    quick_start_env,
+    start_all,
+    start_serve,
+    stop_all_serves,
+    write_json,
+)
 from tests.redis_server import RedisServer
 
 LABELS = {"a": "acct-a", "b": "acct-b"}  # label -> account
+#: The Redis chaos: every event of its schedule, then a few seconds of refreshing after SIGCONT.
+RUN_SECONDS = 16.0
 
 
 def upstream_with_accounts(lifetime: float = 302.0) -> tuple[FakeUpstream, FakeAccounts]:
@@ -49,7 +59,7 @@ async def replica(folder: Path, fake: FakeUpstream, redis: RedisServer, credenti
         write_json(folder / "auth.json", credentials)
     state = {"backend": "redis", "url": redis.url, "timeout": 0.5, "poll_interval": 1}
     doc = {"credentials_file": "auth.json", "providers": default_providers(fake), "state": state}
-    return await start_serve(write_json(folder / "config.json", doc))
+    return await start_serve(write_json(folder / "config.json", doc), env=quick_start_env())
 
 
 class Traffic:
@@ -142,7 +152,7 @@ async def test_case3_redis_restarted_empty_and_a_replica_with_an_old_file_cannot
         two = await replica(tmp_path / "two", fake, redis_server, credentials)  # its file is old
         running.append(two)
         traffic.start("two", two)
-        await asyncio.sleep(4.0)
+        await asyncio.sleep(3.0)  # one refreshes every account again meanwhile (every ~2 s)
         await traffic.stop()
         converged = await converge(accounts, [tmp_path / "one", tmp_path / "two"])
     finally:
@@ -178,7 +188,7 @@ async def test_case4_redis_paused_no_double_redemption_and_no_wait_on_a_lock_hel
         await start_all((replica(tmp_path / n, fake, redis_server, credentials) for n in names), running)
         for name, p in zip(names, running, strict=True):
             traffic.start(name, p)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         redis_server.pause()
         paused_at = time.monotonic()
         await asyncio.sleep(3.0)
@@ -192,7 +202,7 @@ async def test_case4_redis_paused_no_double_redemption_and_no_wait_on_a_lock_hel
                 while len(accounts.token_calls) < calls_at_resume + 2:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
                 resumed_after = time.monotonic() - resumed_at
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
         await traffic.stop()
         converged = await converge(accounts, [tmp_path / "one", tmp_path / "two"])
     finally:
@@ -260,7 +270,7 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
                         broken.append(f"{folder.name}: accounts missing")
             await asyncio.sleep(0.05)
 
-    schedule = ((4.0, "500"), (7.0, "kill"), (9.0, "start"), (14.0, "drop"), (18.0, "pause"), (22.0, "resume"))
+    schedule = ((2.0, "500"), (3.5, "kill"), (5.0, "start"), (7.5, "drop"), (9.5, "pause"), (12.5, "resume"))
     at_resume: list[int] = []
 
     async def redis_and_token_endpoint() -> None:
@@ -287,7 +297,7 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
             traffic.start(folder.name, p)
         started = time.monotonic()
         work = asyncio.gather(person(), snapshots(), redis_and_token_endpoint())
-        await asyncio.sleep(30.0)
+        await asyncio.sleep(RUN_SECONDS)
         stop.set()
         await work
         await traffic.stop()
@@ -305,9 +315,10 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
     slowest = max(seconds for _, _, _, seconds in traffic.results)
     statuses = Counter(status for _, status, _, _ in traffic.results)
     print(
-        f"\nchaos on Redis, 3 replicas, 30 s ({', '.join(events)}): {len(accounts.calls_per_generation())} "
-        f"generations ({after_resume} in the 8 s after SIGCONT), token calls {dict(outcomes)}, reuse errors "
-        f"{accounts.reuse_errors}, families revoked {accounts.revoked()}, requests {dict(statuses)}, slowest "
+        f"\nchaos on Redis, 3 replicas, {RUN_SECONDS:.0f} s ({', '.join(events)}): "
+        f"{len(accounts.calls_per_generation())} generations ({after_resume} after SIGCONT), "
+        f"token calls {dict(outcomes)}, reuse errors {accounts.reuse_errors}, families revoked {accounts.revoked()}, "
+        f"requests {dict(statuses)}, slowest "
         f"{slowest:.2f} s, bad file snapshots {len(broken)}, every file on the newest tokens: {converged}"
     )
     assert accounts.reuse_errors == 0
@@ -320,6 +331,6 @@ async def test_chaos_on_redis_three_replicas_redis_killed_restarted_empty_and_pa
     assert converged
     assert codes == [0, 0, 0]
     assert events == ["500", "kill", "start", "drop", "pause", "resume"]
-    assert len(accounts.calls_per_generation()) >= 30
+    assert len(accounts.calls_per_generation()) >= 20
     assert after_resume >= 8  # refreshing went on at once after the pause: no lock held by nobody in the way
     assert added == ["new1"]
