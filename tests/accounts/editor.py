@@ -9,6 +9,8 @@ person read earlier is what they save.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -53,3 +55,12 @@ def read(path: Path) -> dict[str, Any]:
 def oauth_entries(doc: dict[str, Any], provider: str = "openai-codex") -> list[dict[str, Any]]:
     value = doc.get(provider, [])
     return value if isinstance(value, list) else [value]
+
+
+async def think(stop: asyncio.Event, seconds: float) -> bool:
+    """The person takes ``seconds`` over their copy; False when ``stop`` is set meanwhile (they leave
+    without saving, at once: the test need not wait out their pause)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return not stop.is_set()

@@ -66,7 +66,7 @@ class Chaos:
                 async with session.post(f"{p.url}/codex/responses", json={}, headers={"session-id": sid}) as r:
                     await r.read()
                     self.statuses[r.status] += 1
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
 
     async def person(self) -> None:
         """Reads the file, takes a second or two, saves that (by then stale) copy; adds two accounts."""
@@ -74,7 +74,8 @@ class Chaos:
         n = 0
         while not self.stop.is_set():
             copy = editor.read(self.path)
-            await asyncio.sleep(rng.uniform(0.8, 1.8))
+            if not await editor.think(self.stop, rng.uniform(0.8, 1.8)):
+                break
             mode = editor.MODES[n % 3]
             if mode == "locked" and n >= 3 and len(self.added) < 2:
                 label = f"new{len(self.added) + 1}"
