@@ -563,10 +563,10 @@ class Custodian:
         if order is Order.SAME:
             return from_file, False
         log.warning(
-            "credential %s: the credentials file holds %s tokens than this process (a stale copy saved over it?); "
-            "keeping ours and writing them back",
+            "credential %s: the credentials file holds %s (a stale copy saved over it?); keeping this process's "
+            "newer tokens and writing them back",
             held.label,
-            "spent" if order is Order.SPENT else "older",
+            "a refresh token already redeemed" if order is Order.SPENT else "older tokens than this process",
         )
         return keep, True
 
