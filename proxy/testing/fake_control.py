@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from proxy.core.clock import Clock
+from proxy.testing.fake_websocket import FakeWebSocket, Turn
 
 
 class Recorded(Protocol):
@@ -57,6 +58,9 @@ class FakeUpstream(Protocol):
 
     def on(self, responder: Any, *, when: Any = None) -> None: ...
 
+    @property
+    def websocket(self) -> FakeWebSocket: ...
+
     def tokens(self) -> list[str | None]: ...
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str: ...
@@ -76,6 +80,10 @@ class Controls:
 
     def install(self, fake: FakeUpstream) -> None:
         fake.on(self._answer, when=self._applies)
+        # The WebSocket: a refused or limited token's upgrade gets the same answer, and a socket opened
+        # before its token was limited gets the usage-limit error frame.
+        fake.websocket.gates.append(lambda socket: self._refusal(socket.token, socket.target))
+        fake.websocket.on(self._frame, when=lambda socket, request: self._left(socket.token) > 0)
         fake.control_routes[f"{PREFIX}/limit"] = self._limit
         fake.control_routes[f"{PREFIX}/unauthorized"] = self._unauthorized
         fake.control_routes[f"{PREFIX}/clear"] = self._clear
@@ -101,21 +109,35 @@ class Controls:
 
     async def _answer(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         """The answers of :func:`~proxy.testing.fake_upstream.unauthorized`, ``usage_limit`` and ``rate_limit``."""
-        if recorded.token in self.refused:
+        answer = self._refusal(recorded.token, recorded.path)
+        assert answer is not None  # _applies said so
+        return answer
+
+    def _refusal(self, token: str | None, path: str) -> web.Response | None:
+        if token in self.refused:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        left = max(1, math.ceil(self._left(recorded.token)))
-        if "/backend-api/" in recorded.path:
-            error = {
-                "type": "usage_limit_reached",
-                "message": "The usage limit has been reached",
-                "plan_type": "plus",
-                "resets_at": math.ceil(self.clock.time()) + left,
-                "eligible_promo": None,
-                "resets_in_seconds": left,
-            }
-            return web.json_response({"error": error}, status=429)
+        if self._left(token) <= 0:
+            return None
+        if "/backend-api/" in path:
+            return web.json_response({"error": self._usage_limit(token)}, status=429)
         message = "Rate limit reached for gpt-fake on tokens per min (TPM)."
+        left = max(1, math.ceil(self._left(token)))
         return _error(429, message, "tokens", "rate_limit_exceeded", {"Retry-After": str(left)})
+
+    def _usage_limit(self, token: str | None) -> dict[str, object]:
+        left = max(1, math.ceil(self._left(token)))
+        return {
+            "type": "usage_limit_reached",
+            "message": "The usage limit has been reached",
+            "plan_type": "plus",
+            "resets_at": math.ceil(self.clock.time()) + left,
+            "eligible_promo": None,
+            "resets_in_seconds": left,
+        }
+
+    async def _frame(self, turn: Turn) -> None:
+        """A limited token's ``response.create`` on a socket opened before the limit."""
+        await turn.send({"type": "error", "status": 429, "error": self._usage_limit(turn.socket.token)})
 
     async def _limit(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         token = request.query.get("token")
