@@ -102,6 +102,8 @@ TABLE: dict[tuple[Phase, Frame], tuple[Step, Phase]] = {
 
 #: The close that makes Codex open a new socket and send the full input (it does so after any close).
 RECONNECT = (1012, "credproxy: reconnect to continue on another credential")
+#: The close when no upstream socket could be opened for the response in flight.
+UNAVAILABLE = (1011, "credproxy: the upstream refused the socket")
 #: Closing an upstream socket the bridge no longer uses.
 MOVED = (1000, "credproxy: the session moved to another credential")
 #: Frames held while a response is awaited, beyond which the response is committed anyway.
@@ -161,12 +163,16 @@ class Exhausted:
 @dataclass(frozen=True, slots=True)
 class Ended:
     """The response in flight ended, as ``status`` and ``outcome`` (for the access log and metrics);
-    ``cred`` answered it (``None``: no credential did); ``reason``: the upstream's error code."""
+    ``cred`` answered it (``None``: no credential did); ``reason``: the upstream's error code;
+    ``tried``: the credentials it was sent to (or refused a socket); ``attempts``: upstream sends and
+    socket openings."""
 
     status: int
     outcome: str
     cred: Credential | None
     reason: str = ""
+    tried: tuple[Credential, ...] = ()
+    attempts: int = 0
 
 
 Command = Relay | Forward | Block | Connect | CloseUpstream | CloseClient | Exhausted | Ended
@@ -208,15 +214,23 @@ class SocketPlan:
 
     # Events from the client ----------------------------------------------------------------
 
-    def request(self, doc: Mapping[str, Any], data: bytes) -> Commands:
-        """The client sent a ``response.create`` (``doc``, parsed from ``data``)."""
+    def request(self, doc: Mapping[str, Any], data: bytes, usable: bool = True) -> Commands:
+        """The client sent a ``response.create`` (``doc``, parsed from ``data``). ``usable``: the socket's
+        credential may serve now (it was not blocked meanwhile: by a limit late in an answer, over HTTP,
+        by its usage, by another replica); if not, the request moves on as after a limit."""
         self.conversation.request(doc)
         self._inflight.append(_Request(doc, data))
+        moved: Commands = ()
         if self.phase is Phase.IDLE:
             self.phase = Phase.AWAITING
             self.tried = []
             self.attempts = 0
+            if self.cred is not None and not usable:
+                self.cred = None
+                moved = (CloseUpstream(*MOVED),)
         if self.cred is None:
+            if moved:
+                return (*moved, Connect(frozenset()))
             if len(self._inflight) > 1 or self._waiting:
                 self._waiting.append(data)  # a socket is being opened: this follows the first request
                 return ()
@@ -234,9 +248,10 @@ class SocketPlan:
             return ()
         return (Forward(data),)
 
-    def client_closed(self, code: int, reason: str) -> Commands:
-        """The client closed its socket (or it broke): close the upstream one; nothing is blocked."""
-        ended = self._end_all(499, "client_closed", None)
+    def client_closed(self, code: int, reason: str, status: int = 499, outcome: str = "client_closed") -> Commands:
+        """The client closed its socket (or it broke, or credproxy closes it: ``status`` and ``outcome``
+        say why, for a response in flight): close the upstream one; nothing is blocked."""
+        ended = self._end_all(status, outcome, None)
         if self.cred is None:
             return ended
         self.cred = None
@@ -300,6 +315,15 @@ class SocketPlan:
             return (Forward(full), *(Forward(d) for d in waiting))
         return (Forward(head.data), *(Forward(d) for d in waiting))
 
+    def connect_failed(self, tried: list[Credential]) -> Commands:
+        """The socket could not be opened for another reason (the upstream refused it, or could not be
+        reached): the client is closed, to reconnect (and meet the refusal itself, if it lasts)."""
+        self.tried.extend(c for c in tried if c not in self.tried)
+        self.attempts += len(tried)
+        self._waiting = []
+        self.cred = None
+        return (*self._end_all(502, "upstream_error", None), CloseClient(*UNAVAILABLE))
+
     def exhausted(self, status: int, tried: list[Credential]) -> Commands:
         """No credential could open a socket (``status``: 429 when one comes back at a known time, else 503)."""
         self.tried.extend(c for c in tried if c not in self.tried)
@@ -341,6 +365,7 @@ class SocketPlan:
         return self._end(200, kind.removeprefix("response."), cred)
 
     def _end(self, status: int, outcome: str, cred: Credential | None, reason: str = "") -> Commands:
+        ended = Ended(status, outcome, cred, reason, tuple(self.tried), self.attempts)
         if self._inflight:
             self._inflight.popleft()
         if self._inflight and self.cred is not None:
@@ -349,7 +374,7 @@ class SocketPlan:
             self.attempts = 1
         else:
             self.phase = Phase.IDLE
-        return (Ended(status, outcome, cred, reason),)
+        return (ended,)
 
     def _end_all(self, status: int, outcome: str, cred: Credential | None) -> Commands:
         ended: list[Command] = []

@@ -452,6 +452,10 @@ class Forwarder:
         for hook in self.stream_event_hooks:
             hook(cred, events)
 
+    def unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        """The 429 (or 503) of a request no credential can serve; WebSocket handshakes get it too."""
+        return self._unavailable_response(exc, record)
+
     def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
         provider = self._provider(exc.provider)
         if provider is not None and provider.kind == "anthropic":

@@ -83,7 +83,7 @@ class Controls:
         # The WebSocket: a refused or limited token's upgrade gets the same answer, and a socket opened
         # before its token was limited gets the usage-limit error frame.
         fake.websocket.gates.append(lambda socket: self._refusal(socket.token, socket.target))
-        fake.websocket.on(self._frame, when=lambda socket, request: self._left(socket.token) > 0)
+        fake.websocket.on(self._frame, when=lambda socket, request: self._left(socket.token) > 0, prewarm=True)
         fake.control_routes[f"{PREFIX}/limit"] = self._limit
         fake.control_routes[f"{PREFIX}/unauthorized"] = self._unauthorized
         fake.control_routes[f"{PREFIX}/clear"] = self._clear

@@ -125,6 +125,7 @@ class _Rule:
     token: str | None
     times: int | None
     when: When | None
+    prewarm: bool
 
 
 @dataclass(slots=True)
@@ -160,10 +161,12 @@ class FakeWebSocket:
         token: str | None = None,
         times: int | None = None,
         when: When | None = None,
+        prewarm: bool = False,
     ) -> None:
         """Answer matching ``response.create`` frames with ``reply``; the earliest matching rule wins.
-        ``when(socket, request)`` narrows the match."""
-        self._rules.append(_Rule(reply, token, times, when))
+        ``when(socket, request)`` narrows the match; a pre-warm (``"generate": false``) matches only a
+        rule with ``prewarm``."""
+        self._rules.append(_Rule(reply, token, times, when, prewarm))
 
     def refuse(
         self,
@@ -261,11 +264,11 @@ class FakeWebSocket:
         return turn
 
     def _reply(self, socket: Socket, doc: dict[str, Any]) -> Reply:
-        if doc.get("generate") is False:
-            default: Reply = prewarm
-        else:
-            default = text()
+        warm = doc.get("generate") is False
+        default = prewarm if warm else text()
         for rule in self._rules:
+            if warm and not rule.prewarm:
+                continue
             if rule.token is not None and rule.token != socket.token:
                 continue
             if rule.when is not None and not rule.when(socket, doc):

@@ -90,7 +90,7 @@ def test_frames_of_a_response_are_relayed_one_by_one() -> None:
     phases.append(plan.phase)
     assert feed(plan, DELTA) == (Relay((DELTA,)),)
     done = completed("resp_1")
-    assert feed(plan, done) == (Relay((done,)), Ended(200, "served", A))
+    assert feed(plan, done) == (Relay((done,)), Ended(200, "served", A, "", (A,), 1))
     phases.append(plan.phase)
     assert phases == [Phase.IDLE, Phase.AWAITING, Phase.STREAMING, Phase.IDLE]
     assert (plan.tried, plan.attempts) == ([A], 1)
@@ -113,7 +113,7 @@ def test_a_limit_before_any_event_moves_the_request_to_the_next_credential() -> 
     assert plan.cred is B
     assert feed(plan, CREATED) == (Relay((CREATED,)),)
     done = completed("resp_b")
-    assert feed(plan, done)[-1] == Ended(200, "served", B)
+    assert feed(plan, done)[-1] == Ended(200, "served", B, "", (A, B), 2)
     assert (plan.tried, plan.attempts) == ([A, B], 2)
 
 
@@ -172,7 +172,7 @@ def test_a_limit_after_an_event_is_passed_on_and_blocks_for_later_responses() ->
     assert isinstance(commands[0], Block)
     assert commands[0].cred is A
     assert commands[1] == Relay((LIMIT,))
-    assert commands[2] == Ended(429, "upstream_status", A, "usage_limit_reached")
+    assert commands[2] == Ended(429, "upstream_status", A, "usage_limit_reached", (A,), 1)
     assert plan.phase is Phase.IDLE
     assert plan.cred is A  # the socket stays open: the client decides
 
@@ -209,7 +209,7 @@ def test_every_credential_limited_gives_the_client_the_usage_limit_frame() -> No
     plan = plan_on()
     plan.request(*create(USER))
     feed(plan, LIMIT)
-    assert plan.exhausted(429, [B, C]) == (Exhausted(), Ended(429, "no_credential", None))
+    assert plan.exhausted(429, [B, C]) == (Exhausted(), Ended(429, "no_credential", None, "", (A, B, C), 3))
     assert (plan.tried, plan.attempts) == ([A, B, C], 3)
     assert plan.cred is None
     # A later request asks for a socket again (a reset may have passed meanwhile).
@@ -227,7 +227,7 @@ def test_a_request_that_cannot_be_rebuilt_closes_the_client_to_reconnect() -> No
     assert commands[1:] == (CloseUpstream(*MOVED), Connect(frozenset({A.id})))
     assert plan.connected(B, [B]) == (
         CloseUpstream(*MOVED),
-        Ended(429, "reconnect", None),
+        Ended(429, "reconnect", None, "", (A, B), 2),
         CloseClient(*RECONNECT),
     )
 
@@ -240,8 +240,8 @@ def test_two_requests_in_flight_are_not_moved() -> None:
     assert isinstance(commands[0], Block)
     assert commands[1:] == (
         CloseUpstream(*MOVED),
-        Ended(429, "reconnect", None),
-        Ended(429, "reconnect", None),
+        Ended(429, "reconnect", None, "", (A,), 1),
+        Ended(429, "reconnect", None, "", (A,), 1),
         CloseClient(*RECONNECT),
     )
 
@@ -258,7 +258,10 @@ def test_a_client_close_blocks_nothing_and_closes_upstream() -> None:
     plan = plan_on()
     plan.request(*create(USER))
     feed(plan, CREATED)
-    assert plan.client_closed(1000, "bye") == (Ended(499, "client_closed", None), CloseUpstream(1000, "bye"))
+    assert plan.client_closed(1000, "bye") == (
+        Ended(499, "client_closed", None, "", (A,), 1),
+        CloseUpstream(1000, "bye"),
+    )
     assert plan.client_closed(1000, "") == ()
 
 
@@ -266,7 +269,7 @@ def test_an_upstream_close_is_passed_on_and_blocks_nothing() -> None:
     plan = plan_on()
     plan.request(*create(USER))
     assert plan.upstream_closed(1006, "") == (
-        Ended(502, "upstream_closed", A),
+        Ended(502, "upstream_closed", A, "", (A,), 1),
         CloseClient(1011, "credproxy: the upstream connection was lost"),
     )
     assert plan.cred is None
