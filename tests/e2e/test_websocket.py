@@ -6,6 +6,7 @@ fake_websocket.py), so each test asserts what the upstream saw and what the clie
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,13 +35,44 @@ def create(*items: Any, previous: str | None = None, **extra: Any) -> bytes:
     return orjson.dumps(doc)
 
 
-async def connect(p: RunningProxy, sid: str | None = SID, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+Socket = aiohttp.ClientWebSocketResponse[bool]
+#: The headers of each 101 the tests' client got (aiohttp's client socket does not keep them).
+UPGRADES: list[dict[str, str]] = []
+
+
+async def _keep_upgrade(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    response = await handler(request)
+    if response.status == 101:
+        UPGRADES.append(dict(response.headers))
+    return response
+
+
+@pytest.fixture(autouse=True)
+async def session() -> AsyncIterator[None]:
+    """The tests' WebSocket client: a session that keeps the headers of each 101."""
+    UPGRADES.clear()
+    async with aiohttp.ClientSession(middlewares=(_keep_upgrade,)) as client:
+        CLIENT.append(client)
+        yield
+        CLIENT.clear()
+
+
+CLIENT: list[aiohttp.ClientSession] = []
+
+
+async def connect(p: RunningProxy, sid: str | None = SID, path: str = "/codex/responses", **kwargs: Any) -> Socket:
     headers = {"session-id": sid} if sid is not None else {}
     headers.update(kwargs.pop("headers", {}))
-    return await p.client.ws_connect(p.url + "/codex/responses", headers=headers, **kwargs)
+    socket: Socket = await CLIENT[0].ws_connect(p.url + path, headers=headers, **kwargs)
+    return socket
 
 
-async def turn(socket: aiohttp.ClientWebSocketResponse, frame: bytes) -> list[bytes]:
+def upgrade() -> dict[str, str]:
+    """The headers of the last 101."""
+    return UPGRADES[-1]
+
+
+async def turn(socket: Socket, frame: bytes) -> list[bytes]:
     """Send one response.create; the frames that answer it, to its last (completed or an error)."""
     await socket.send_str(frame.decode())
     got = []
@@ -87,7 +119,7 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
         ("x-codex-primary-used-percent", "12.5"),
         ("x-credproxy-credential", f"openai-codex#{FIRST + 1}"),
     ):
-        assert socket._response.headers.get(name) == value, name
+        assert upgrade().get(name) == value, name
     frame = create(USER, prompt_cache_key=SID)
     got = await turn(socket, frame)
     await socket.send_bytes(b"\x00\x01binary\xff")
@@ -229,8 +261,8 @@ async def test_a_refused_upgrade_fails_over_at_the_handshake(
     fake.websocket.refuse(429, {"error": {"type": "usage_limit_reached", "resets_in_seconds": 900}}, token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
     socket = await connect(p)
-    assert socket._response.headers["x-credproxy-credential"] == f"openai-codex#{SECOND + 1}"
-    assert socket._response.headers["x-credproxy-attempts"] == "2"
+    assert upgrade()["x-credproxy-credential"] == f"openai-codex#{SECOND + 1}"
+    assert upgrade()["x-credproxy-attempts"] == "2"
     assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).blocked_until == clock.time() + 900
     await socket.close()
     # Another answer than a limit is the client's to see, as the HTTP answer it is.
@@ -278,7 +310,7 @@ async def test_426_without_upstream_contact_when_the_bridge_cannot_serve(
         {**keys(*KEYS, provider="openai-codex"), **keys("sk-ant-x", provider="anthropic")}, providers=config
     )
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await p.client.ws_connect(p.url + path, headers={"session-id": SID})
+        await connect(p, path=path)
     assert refused.value.status == 426
     assert fake.websocket.sockets == []
     assert fake.records == []
