@@ -61,6 +61,8 @@ from proxy.observe.record import RequestRecord
 
 log = logging.getLogger("credproxy")
 
+#: The close code of a message over the size cap (aiohttp closes with it).
+TOO_BIG = 1009
 #: Code and reason of credproxy's own closes.
 IDLE = (1001, "credproxy: idle timeout")
 SHUTDOWN = (1001, "credproxy is shutting down")
@@ -165,11 +167,16 @@ class Relay:
                     self._closing = True
                     await client.close(code=code, message=reason.encode()[:123])
                 return
-            else:  # CLOSING: credproxy closed it; CLOSED or ERROR: the client went away
+            else:  # CLOSING: credproxy closed it; CLOSED or ERROR: the client went away, or broke the protocol
                 if not self._closing:
                     async with self._lock:
-                        self.outcome = self.outcome or "client_gone"
-                        await self._run(self.plan.client_closed(1001, "credproxy: the client went away"))
+                        if _too_big(msg.data):
+                            self.outcome = self.outcome or "message_too_big"
+                            reason = "credproxy: the client sent a message over limits.websocket_max_message_bytes"
+                            await self._run(self.plan.client_closed(1001, reason))
+                        else:
+                            self.outcome = self.outcome or "client_gone"
+                            await self._run(self.plan.client_closed(1001, "credproxy: the client went away"))
                 return
 
     async def _client_text(self, data: bytes) -> None:
@@ -225,9 +232,14 @@ class Relay:
                 await self._send_client(msg.data, WSMsgType.PING)
             elif kind is WSMsgType.PONG:
                 await self._send_client(msg.data, WSMsgType.PONG)
-            else:  # CLOSE, or the connection ended without one (CLOSING, CLOSED, ERROR)
+            else:  # CLOSE, or the connection ended without one (CLOSING, CLOSED, ERROR: 1009 for a message too big)
                 code = msg.data if kind is WSMsgType.CLOSE and msg.data else 1006
                 reason = msg.extra if kind is WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
+                if _too_big(msg.data):
+                    code, reason = (
+                        TOO_BIG,
+                        "credproxy: the upstream sent a message over limits.websocket_max_message_bytes",
+                    )
                 async with self._lock:
                     if ws is not self._upstream:
                         return
@@ -409,6 +421,11 @@ class Relay:
             for task in waiting:
                 if not task.done():
                     task.cancel()
+
+
+def _too_big(error: object) -> bool:
+    """An ERROR message of aiohttp's for a message over ``max_msg_size``."""
+    return isinstance(error, aiohttp.WebSocketError) and error.code == TOO_BIG
 
 
 class Host(Protocol):

@@ -6,7 +6,6 @@ fake_websocket.py), so each test asserts what the upstream saw and what the clie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,78 +13,13 @@ import orjson
 import pytest
 
 from proxy.core.clock import ManualClock
-from proxy.core.selection import fnv1a_utf16
 from proxy.testing import fake_websocket as ws
 from proxy.testing.fake_accounts import FakeAccounts
 from proxy.testing.fake_upstream import FakeUpstream, usage_limit
 from tests.conftest import ProxyFactory, RunningProxy, default_providers, keys, wait_until
+from tests.e2e.wsclient import FIRST, KEYS, SECOND, SID, THIRD, USER, WsClient, create, turn, types, wsc
 
-KEYS = ("sk-ws-alpha-0001", "sk-ws-bravo-0002", "sk-ws-charlie-03")
-SID = "ws-session"
-FIRST = fnv1a_utf16(SID) % 3
-SECOND = (FIRST + 1) % 3
-THIRD = (FIRST + 2) % 3
-USER = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
-
-
-def create(*items: Any, previous: str | None = None, **extra: Any) -> bytes:
-    doc: dict[str, Any] = {"type": "response.create", "model": "gpt-fake", "input": list(items), **extra}
-    if previous is not None:
-        doc["previous_response_id"] = previous
-    return orjson.dumps(doc)
-
-
-Socket = aiohttp.ClientWebSocketResponse[bool]
-#: The headers of each 101 the tests' client got (aiohttp's client socket does not keep them).
-UPGRADES: list[dict[str, str]] = []
-
-
-async def _keep_upgrade(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
-    response = await handler(request)
-    if response.status == 101:
-        UPGRADES.append(dict(response.headers))
-    return response
-
-
-@pytest.fixture(autouse=True)
-async def session() -> AsyncIterator[None]:
-    """The tests' WebSocket client: a session that keeps the headers of each 101."""
-    UPGRADES.clear()
-    async with aiohttp.ClientSession(middlewares=(_keep_upgrade,)) as client:
-        CLIENT.append(client)
-        yield
-        CLIENT.clear()
-
-
-CLIENT: list[aiohttp.ClientSession] = []
-
-
-async def connect(p: RunningProxy, sid: str | None = SID, path: str = "/codex/responses", **kwargs: Any) -> Socket:
-    headers = {"session-id": sid} if sid is not None else {}
-    headers.update(kwargs.pop("headers", {}))
-    socket: Socket = await CLIENT[0].ws_connect(p.url + path, headers=headers, **kwargs)
-    return socket
-
-
-def upgrade() -> dict[str, str]:
-    """The headers of the last 101."""
-    return UPGRADES[-1]
-
-
-async def turn(socket: Socket, frame: bytes) -> list[bytes]:
-    """Send one response.create; the frames that answer it, to its last (completed or an error)."""
-    await socket.send_str(frame.decode())
-    got = []
-    while True:
-        msg = await socket.receive(timeout=10)
-        assert msg.type is aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
-        got.append(msg.data.encode())
-        if orjson.loads(msg.data)["type"] in ("response.completed", "response.failed", "error"):
-            return got
-
-
-def types(frames: list[bytes]) -> list[str]:
-    return [orjson.loads(f)["type"] for f in frames]
+__all__ = ["wsc"]  # the fixture
 
 
 def blocked(p: RunningProxy, index: int) -> bool:
@@ -94,12 +28,12 @@ def blocked(p: RunningProxy, index: int) -> bool:
 
 
 async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_only(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.websocket.upgrade_headers.update({"openai-model": "gpt-fake", "x-codex-primary-used-percent": "12.5"})
     fake.websocket.on(ws.ping_then(b"up-ping", ws.text("héllo")), times=1)
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(
+    socket = await wsc.connect(
         p,
         compress=15,
         headers={
@@ -119,7 +53,7 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
         ("x-codex-primary-used-percent", "12.5"),
         ("x-credproxy-credential", f"openai-codex#{FIRST + 1}"),
     ):
-        assert upgrade().get(name) == value, name
+        assert wsc.upgrade().get(name) == value, name
     frame = create(USER, prompt_cache_key=SID)
     got = await turn(socket, frame)
     await socket.send_bytes(b"\x00\x01binary\xff")
@@ -154,11 +88,11 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
 
 
 async def test_a_limit_before_the_first_event_fails_over_invisibly(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.websocket.on(ws.usage_limit(resets_in=1800), token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     got = await turn(socket, create(USER))
     assert types(got)[-1] == "response.completed"
     assert b"usage_limit_reached" not in b"".join(got)
@@ -179,7 +113,7 @@ async def test_a_limit_before_the_first_event_fails_over_invisibly(
 
 
 async def test_a_chained_request_reaches_the_new_account_in_full(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     """Codex's second turn chains on the first; when the account is limited then, the next account gets the
     whole conversation (it never saw the first turn), less the old account's encrypted reasoning."""
@@ -199,7 +133,7 @@ async def test_a_chained_request_reaches_the_new_account_in_full(
     fake.websocket.on(first_turn, token=KEYS[FIRST], times=1)
     fake.websocket.on(ws.usage_limit(), token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     await turn(socket, create(generate=False, tools=[]))  # Codex's pre-warm
     prewarm_id = fake.websocket.sockets[0].responses[0]
     got = await turn(socket, create(USER, previous=prewarm_id))
@@ -216,11 +150,11 @@ async def test_a_chained_request_reaches_the_new_account_in_full(
 
 
 async def test_an_error_after_events_is_passed_on_not_replayed(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.websocket.on(ws.usage_limit(after=2), token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     got = await turn(socket, create(USER))
     assert types(got) == ["response.created", "response.output_item.added", "error"]
     assert len(fake.websocket.sockets) == 1  # not replayed elsewhere
@@ -232,13 +166,13 @@ async def test_an_error_after_events_is_passed_on_not_replayed(
 
 
 async def test_every_credential_limited_gives_the_usage_limit_frame_with_the_earliest_reset(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     for i, seconds in ((FIRST, 3600), (SECOND, 600)):
         fake.websocket.on(ws.usage_limit(resets_in=seconds), token=KEYS[i])
     fake.websocket.refuse(429, {"error": {"type": "usage_limit_reached", "resets_in_seconds": 1200}}, token=KEYS[THIRD])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     (frame,) = await turn(socket, create(USER))
     doc = orjson.loads(frame)
     assert doc["status"] == 429
@@ -249,37 +183,37 @@ async def test_every_credential_limited_gives_the_usage_limit_frame_with_the_ear
     assert all(blocked(p, i) for i in range(3))
     # A new socket while all are blocked: the HTTP answer, without upstream contact.
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await connect(p, sid="other")
+        await wsc.connect(p, sid="other")
     assert refused.value.status == 429
     assert len(fake.websocket.sockets) == 3
     await socket.close()
 
 
 async def test_a_refused_upgrade_fails_over_at_the_handshake(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.websocket.refuse(429, {"error": {"type": "usage_limit_reached", "resets_in_seconds": 900}}, token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
-    assert upgrade()["x-credproxy-credential"] == f"openai-codex#{SECOND + 1}"
-    assert upgrade()["x-credproxy-attempts"] == "2"
+    socket = await wsc.connect(p)
+    assert wsc.upgrade()["x-credproxy-credential"] == f"openai-codex#{SECOND + 1}"
+    assert wsc.upgrade()["x-credproxy-attempts"] == "2"
     assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).blocked_until == clock.time() + 900
     await socket.close()
     # Another answer than a limit is the client's to see, as the HTTP answer it is.
     fake.websocket.refuse(404, b"no websocket here", token=KEYS[SECOND], times=1)
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await connect(p)
+        await wsc.connect(p)
     assert refused.value.status == 404
     assert not blocked(p, SECOND)
 
 
 async def test_upstream_closes_and_the_connection_limit_are_passed_on(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     fake.websocket.on(ws.connection_limit(), times=1)
     fake.websocket.on(ws.close(1001), times=1)
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     (frame,) = await turn(socket, create(USER))
     assert orjson.loads(frame)["error"]["code"] == "websocket_connection_limit_reached"
     await socket.send_str(create(USER).decode())
@@ -301,7 +235,7 @@ async def test_upstream_closes_and_the_connection_limit_are_passed_on(
     ],
 )
 async def test_426_without_upstream_contact_when_the_bridge_cannot_serve(
-    proxy: ProxyFactory, fake: FakeUpstream, providers: dict[str, Any], path: str
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, providers: dict[str, Any], path: str
 ) -> None:
     config = default_providers(fake)
     for name, extra in providers.items():
@@ -310,17 +244,17 @@ async def test_426_without_upstream_contact_when_the_bridge_cannot_serve(
         {**keys(*KEYS, provider="openai-codex"), **keys("sk-ant-x", provider="anthropic")}, providers=config
     )
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await connect(p, path=path)
+        await wsc.connect(p, path=path)
     assert refused.value.status == 426
     assert fake.websocket.sockets == []
     assert fake.records == []
 
 
 async def test_without_a_session_header_the_first_request_names_the_session(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p, sid=None)
+    socket = await wsc.connect(p, sid=None)
     assert fake.websocket.sockets == []  # accepted before any upstream contact
     got = await turn(socket, create(USER, prompt_cache_key=SID))
     assert types(got)[-1] == "response.completed"
@@ -329,7 +263,7 @@ async def test_without_a_session_header_the_first_request_names_the_session(
 
 
 async def test_accounts_get_their_token_and_account_id_and_usage_events_feed_the_pool(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     accounts = FakeAccounts(clock=clock)
     accounts.install(fake)
@@ -337,7 +271,7 @@ async def test_accounts_get_their_token_and_account_id_and_usage_events_feed_the
     limits = {"primary": {"used_percent": 42.0, "window_minutes": 300, "reset_at": int(clock.time()) + 999}}
     fake.websocket.on(ws.text("hi", usage=limits))
     p = await proxy({"openai-codex": entries})
-    socket = await connect(p, headers={"chatgpt-account-id": "not-this-one"})
+    socket = await wsc.connect(p, headers={"chatgpt-account-id": "not-this-one"})
     got = await turn(socket, create(USER))
     assert types(got)[0] == "codex.rate_limits"  # held until the response committed, then passed on
     (upstream,) = fake.websocket.sockets
@@ -351,11 +285,11 @@ async def test_accounts_get_their_token_and_account_id_and_usage_events_feed_the
 
 
 async def test_status_metrics_and_the_access_log_show_sockets_and_responses(
-    proxy: ProxyFactory, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.websocket.on(ws.usage_limit(), token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     async with p.get("/_credproxy/status") as r:
         doc = await r.json()
     assert doc["websockets"]["open"] == 1
@@ -381,14 +315,14 @@ async def test_status_metrics_and_the_access_log_show_sockets_and_responses(
 
 
 async def test_a_limited_http_answer_and_a_socket_share_the_pool(
-    proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
 ) -> None:
     """A block learnt over HTTP steers the socket, and the other way round."""
     fake.on(usage_limit(resets_in=300), token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
     async with p.post("/codex/responses", json={"model": "m"}, headers={"session-id": SID}) as r:
         assert r.headers["x-credproxy-credential"] == f"openai-codex#{SECOND + 1}"
-    socket = await connect(p)
+    socket = await wsc.connect(p)
     await turn(socket, create(USER))
     assert fake.websocket.tokens() == [KEYS[SECOND]]
     await socket.close()

@@ -1,0 +1,102 @@
+"""End-to-end: what one Responses WebSocket may cost: message size, idle time, the socket cap, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.app import BRIDGE
+from proxy.testing import fake_websocket as ws
+from proxy.testing.fake_upstream import FakeUpstream
+from tests.conftest import ProxyFactory, RunningProxy, keys, wait_until
+from tests.e2e.wsclient import KEYS, USER, WsClient, closed, create, turn, types, wsc
+
+__all__ = ["wsc"]  # the fixture
+
+CODEX_KEYS = keys(*KEYS, provider="openai-codex")
+
+
+def open_sockets(p: RunningProxy) -> int:
+    return len(p.app[BRIDGE].relays)
+
+
+async def test_a_message_over_the_cap_closes_the_socket_1009_and_blocks_nothing(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    fake.websocket.on(ws.text("x" * 3000), times=1)
+    p = await proxy(CODEX_KEYS, limits={"websocket_max_message_bytes": 2048})
+    socket = await wsc.connect(p)
+    await socket.send_str(create(USER, padding="y" * 2100).decode())
+    assert await closed(socket) == 1009
+    (upstream,) = fake.websocket.sockets
+    await upstream.ended.wait()
+    assert upstream.received == [
+        ws.Frame("close", b"1001 credproxy: the client sent a message over limits.websocket_max_message_bytes")
+    ]
+    # An upstream message over the cap: the client gets the same close.
+    socket = await wsc.connect(p)
+    await socket.send_str(create(USER).decode())
+    assert await closed(socket) == 1009
+    assert all(p.pool.available(c, 0) for c in p.pool.credentials("openai-codex"))
+    await wait_until(lambda: open_sockets(p) == 0)
+
+
+async def test_an_idle_socket_is_closed(wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    p = await proxy(CODEX_KEYS, limits={"websocket_idle_timeout": 0.3})
+    socket = await wsc.connect(p)
+    assert types(await turn(socket, create(USER)))[-1] == "response.completed"
+    assert await closed(socket) == 1001
+    (upstream,) = fake.websocket.sockets
+    await upstream.ended.wait()
+    assert upstream.close_code == 1001
+    await wait_until(lambda: open_sockets(p) == 0)
+
+
+async def test_the_socket_cap_answers_426_so_the_client_uses_http(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    p = await proxy(CODEX_KEYS, limits={"max_websockets": 1})
+    first = await wsc.connect(p)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await wsc.connect(p)
+    assert refused.value.status == 426
+    assert len(fake.websocket.sockets) == 1
+    async with p.get("/_credproxy/status") as r:
+        assert (await r.json())["websockets"]["cap"] == 1
+    await first.close()
+    await wait_until(lambda: open_sockets(p) == 0)
+    second = await wsc.connect(p)
+    await second.close()
+
+
+async def test_sockets_never_outlive_shutdown_grace(wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    """SIGTERM: an idle socket closes at once, a response in flight may finish, a stuck one is cut at the grace."""
+    gate = asyncio.Event()
+    done = {"type": "response.completed", "response": {"id": "r1"}}
+    fake.websocket.on(ws.events([{"type": "response.created"}, done], gate=gate, at=1), times=1)
+    fake.websocket.on(ws.silent())
+    p = await proxy(CODEX_KEYS, limits={"shutdown_grace": 1.5})
+    idle = await wsc.connect(p, sid="idle")
+    finishing = await wsc.connect(p, sid="finishing")
+    await finishing.send_str(create(USER).decode())
+    assert orjson.loads((await finishing.receive(timeout=10)).data)["type"] == "response.created"
+    stuck = await wsc.connect(p, sid="stuck")
+    await stuck.send_str(create(USER).decode())
+    await wait_until(lambda: len([s for s in fake.websocket.sockets if s.requests()]) == 2)
+
+    started = time.monotonic()
+    stopping = asyncio.ensure_future(p.stop())
+    assert await closed(idle) == 1001
+    gate.set()  # the response in flight completes, then its socket closes
+    msg = await finishing.receive(timeout=10)
+    assert orjson.loads(msg.data) == done
+    assert await closed(finishing) == 1001
+    assert await closed(stuck) == 1001
+    await asyncio.wait_for(stopping, 15)
+    assert time.monotonic() - started < 1.5 + 5  # the grace, and a margin for a loaded machine
+    for upstream in fake.websocket.sockets:
+        await asyncio.wait_for(upstream.ended.wait(), 5)
