@@ -326,3 +326,20 @@ async def test_a_limited_http_answer_and_a_socket_share_the_pool(
     await turn(socket, create(USER))
     assert fake.websocket.tokens() == [KEYS[SECOND]]
     await socket.close()
+
+
+async def test_the_guard_comes_first(wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    """No client token, a foreign Origin: refused before any upstream contact; the token itself never leaves."""
+    token = "client-token-for-the-websocket-0001"
+    p = await proxy(keys(*KEYS, provider="openai-codex"), security={"client_tokens": [token]})
+    for headers, status in (({}, 401), ({"Authorization": f"Bearer {token}", "Origin": "https://evil.example"}, 403)):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await wsc.connect(p, headers=headers)
+        assert refused.value.status == status
+    assert fake.websocket.sockets == []
+    socket = await wsc.connect(p, headers={"Authorization": f"Bearer {token}"})
+    await turn(socket, create(USER))
+    await socket.close()
+    (upstream,) = fake.websocket.sockets
+    assert upstream.token == KEYS[FIRST]
+    assert token not in repr(upstream.headers)
