@@ -61,7 +61,7 @@ from typing import Any
 from proxy.core import wsframes
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
-from proxy.core.ratelimits import Kind, Verdict
+from proxy.core.ratelimits import OK, Kind, Verdict
 
 
 class Phase(Enum):
@@ -259,6 +259,12 @@ class SocketPlan:
 
     # Events from the upstream ---------------------------------------------------------------
 
+    def relays_unread(self) -> bool:
+        """True when an event frame the plan would not read (a delta: not in ``wsframes.PARSED``) is
+        relayed as it is without changing anything (``TABLE[(phase, EVENT)]`` is RELAY to the same
+        phase): the bridge may then send it without calling :meth:`frame`, as it does for most frames."""
+        return self.phase is not Phase.AWAITING
+
     def frame(self, data: bytes, kind: str, doc: Mapping[str, Any] | None, now: float, consecutive: int) -> Commands:
         """A server frame of the current upstream socket. ``kind``: its type; ``doc``: the frame parsed,
         when its type is one of :data:`proxy.core.wsframes.PARSED` (else ``None``)."""
@@ -338,9 +344,9 @@ class SocketPlan:
 
     def _sort(self, kind: str, doc: Mapping[str, Any] | None, now: float, consecutive: int) -> tuple[Frame, Verdict]:
         if doc is None:
-            return Frame.EVENT, Verdict(Kind.OK)
+            return Frame.EVENT, OK
         if kind == wsframes.RATE_LIMITS:
-            return Frame.USAGE, Verdict(Kind.OK)
+            return Frame.USAGE, OK
         found = wsframes.verdict(doc, now, consecutive)
         if found.kind is Kind.LIMITED:
             return Frame.LIMIT, found

@@ -49,6 +49,7 @@ from proxy.core.wsplan import (
     Ended,
     Exhausted,
     Forward,
+    Phase,
     SocketPlan,
     client_close,
 )
@@ -198,7 +199,9 @@ class Relay:
         self._pump = self._loop.create_task(self._upstream_loop(ws))
 
     async def _upstream_loop(self, ws: UpstreamSocket) -> None:
-        bridge = self.bridge
+        bridge, plan = self.bridge, self.plan
+        send, text = self._client.send_frame, WSMsgType.TEXT
+        parsed, awaiting = wsframes.PARSED, Phase.AWAITING
         while True:
             msg = await ws.receive()
             if ws is not self._upstream:
@@ -208,6 +211,14 @@ class Relay:
             if kind is WSMsgType.TEXT:
                 data: bytes = msg.data
                 name = wsframes.frame_type(data)
+                if name is not None and name not in parsed and plan.phase is not awaiting:
+                    # Most frames: a delta while the response streams. The plan's table relays it as it is
+                    # (SocketPlan.relays_unread), so it goes without the plan, the lock or a parse.
+                    try:  # noqa: SIM105 (suppress() costs an object per frame)
+                        await send(data, text)
+                    except ConnectionError:
+                        pass  # the client is gone: its receive loop ends the socket
+                    continue
                 doc = None
                 if name is None:
                     doc = wsframes.parse(data)

@@ -294,3 +294,11 @@ def test_without_a_socket_the_first_request_opens_one() -> None:
 )
 def test_close_codes_passed_to_the_client(code: int, sent: int) -> None:
     assert client_close(code, "r")[0] == sent
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_the_fast_path_agrees_with_the_table(phase: Phase) -> None:
+    """The bridge sends an unread event frame without the plan only where the table would just relay it."""
+    plan = plan_on()
+    plan.phase = phase
+    assert plan.relays_unread() == (TABLE[(phase, Frame.EVENT)] == (Step.RELAY, phase))
