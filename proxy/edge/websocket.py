@@ -211,7 +211,7 @@ class Bridge:
                 await relay.run()
             finally:  # also when the handler is cancelled (the client dropped the connection, shutdown)
                 del self.relays[relay]
-                record.outcome = relay.outcome or "closed"
+                record.outcome = relay.outcome or "client_gone"  # cancelled: the client dropped the connection
                 if relay.used and relay.used[-1] in record.tried:  # the access line names the one it ended on
                     record.tried.remove(relay.used[-1])
                     record.tried.append(relay.used[-1])
