@@ -136,7 +136,6 @@ def make_app(
     bridge.usage_hooks = forwarder.stream_event_hooks
     metrics.open_websockets = bridge.open_by_provider
     app[BRIDGE] = bridge
-    app.on_shutdown.append(bridge.on_shutdown)
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
@@ -229,7 +228,10 @@ def make_server(app: web.Application) -> Server:
     (see proxy/edge/server.py); ``"server": "fast"`` answers on the fast server."""
     forwarder = app[FORWARDER]
     fast = (forwarder.serve, app[ADMIN].serve) if app[CONFIG].server == "fast" else None
-    return Server(app, app[GUARD], app[CONFIG].limits, direct=upgrade_or(app[BRIDGE], forwarder.handle), fast=fast)
+    bridge = app[BRIDGE]
+    server = Server(app, app[GUARD], app[CONFIG].limits, direct=upgrade_or(bridge, forwarder.handle), fast=fast)
+    server.stopping.append(bridge.drain)
+    return server
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[Server, int]:

@@ -51,6 +51,7 @@ from proxy.core.clock import Clock, readable_until
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
+from proxy.core.headers import connection_tokens
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
 from proxy.core.ratelimits import Kind, Verdict, classify, error_info
@@ -59,8 +60,9 @@ from proxy.core.routing import check_path, find_provider, split_target, upstream
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import parse_json
 from proxy.core.wsplan import SocketPlan
-from proxy.edge.error_body import error_response
 from proxy.edge.connections import connection_cap
+from proxy.edge.dispatch import Route, route
+from proxy.edge.error_body import error_response
 from proxy.edge.ws_relay import Link, Opened, Relay
 from proxy.edge.ws_upstream import CLOSE_TIMEOUT, UpgradeRefused, UpstreamSocket, UpstreamSockets
 from proxy.errors import ConnectFailed, NoCredentialAvailable, RequestRejected, UpstreamError
@@ -94,11 +96,11 @@ Responder = Callable[[Exception, RequestRecord], web.StreamResponse]
 
 
 def is_upgrade(request: web.BaseRequest) -> bool:
-    """A WebSocket handshake: ``GET`` with ``Upgrade: websocket`` (the rule of proxy/edge/dispatch.py)."""
-    if request.method != "GET":
-        return False
-    value = request.headers.get("Upgrade")
-    return value is not None and "websocket" in {t.strip().lower() for t in value.split(",")}
+    """A WebSocket handshake, by the fast server's rule (:func:`proxy.edge.dispatch.route`): a ``GET``
+    that is an upgrade (``Connection: upgrade``, as llhttp reads it) to ``websocket``."""
+    headers = request.headers
+    upgrade = headers.get("Upgrade") if "upgrade" in connection_tokens(headers.items()) else None
+    return route(request.method, request.path, upgrade) is Route.WEBSOCKET
 
 
 def refusals(unavailable: Callable[[NoCredentialAvailable, RequestRecord], web.Response]) -> Responder:
@@ -169,11 +171,14 @@ class Bridge:
         if self._upstreams is not None:
             await self._upstreams.close()
 
-    async def on_shutdown(self, app: web.Application) -> None:
-        """SIGTERM: every socket ends after its response in flight, within ``limits.shutdown_grace``."""
+    def drain(self, grace: float) -> None:
+        """The server stops (SIGTERM): no new socket; each open one ends after its response in flight,
+        within ``grace`` seconds."""
+        if self._shutting_down:
+            return
         self._shutting_down = True
         for relay in list(self.relays):
-            relay.drain(self._limits.shutdown_grace)
+            relay.drain(grace)
 
     def status(self) -> dict[str, Any]:
         """The ``websockets`` section of the status document: open sockets by provider and credential."""
