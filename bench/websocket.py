@@ -8,7 +8,8 @@ free ports of 127.0.0.1 and drives both with aiohttp's WebSocket client on uvloo
   fast as the upstream can; frames per second is every frame received over the wall time from the
   first request to the last ``response.completed``; CPU per frame is the proxy's (utime + stime from
   ``/proc``) over the run, divided by the frames.
-* **latency**: one socket (and 16), frames paced ``--gap-ms`` apart so that none waits behind another;
+* **latency**: one socket (and 16), ``--paced`` frames each, paced ``--gap-ms`` apart (so that, on one
+  socket, none waits behind another; on 16 the upstream sends them in bursts of 16);
   each frame carries the upstream's ``time.monotonic_ns()`` at sending and the client reads the same
   clock at receiving: the one-way latency of every frame, p50 and p99; "added" is credproxy's minus
   direct's.
@@ -151,7 +152,7 @@ def table(figures: dict[str, Any]) -> str:
             lines.append(
                 f"| {label}: latency p50 / p99, µs | {d['p50_us']:,.0f} / {d['p99_us']:,.0f} | "
                 f"{c['p50_us']:,.0f} / {c['p99_us']:,.0f} | +{c['p50_us'] - d['p50_us']:,.0f} / "
-                f"+{c['p99_us'] - d['p99_us']:,.0f} µs per frame |"
+                f"+{c['p99_us'] - d['p99_us']:,.0f} µs per frame; {c['cpu_us_per_frame']:.1f} µs CPU per frame |"
             )
     return "\n".join(lines)
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.websocket", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frames", type=int, default=64000, help="frames per throughput run (split over the sockets)")
-    parser.add_argument("--paced", type=int, default=400, help="frames per socket in a latency run")
+    parser.add_argument("--paced", type=int, default=2000, help="frames per socket in a latency run")
     parser.add_argument("--gap-ms", type=float, default=2.5, help="pacing of the latency runs")
     parser.add_argument("--size", type=int, default=40, help="bytes of delta text per frame")
     parser.add_argument("--compress", action="store_true", help="offer permessage-deflate")
