@@ -192,6 +192,7 @@ class SocketPlan:
         "_answered_by",
         "_held",
         "_inflight",
+        "_moving",
         "_waiting",
         "attempts",
         "conversation",
@@ -211,6 +212,7 @@ class SocketPlan:
         self._inflight: deque[_Request] = deque()
         self._held: list[bytes] = []
         self._waiting: list[bytes] = []  # client frames for the socket being opened
+        self._moving: bytes | None = None  # the request a failover rebuilt, for the socket being opened
 
     # Events from the client ----------------------------------------------------------------
 
@@ -313,8 +315,9 @@ class SocketPlan:
         if not self._inflight:
             return tuple(Forward(d) for d in waiting)
         head = self._inflight[0]
+        moving, self._moving = self._moving, None
         if other or not self.conversation.on_socket(head.doc):
-            full = self.conversation.full_request(head.doc, other)
+            full = moving if moving is not None and other else self.conversation.full_request(head.doc, other)
             if full is None:
                 return self._reconnect(None, 429 if other else 503)
             self.conversation.moved(other)
@@ -397,6 +400,10 @@ class SocketPlan:
         self.cred = None
         if len(self._inflight) != 1:
             return self._reconnect(block, 429)
+        full = self.conversation.full_request(self._inflight[0].doc, other_account=True)
+        if full is None:  # known before a socket is opened for nothing
+            return self._reconnect(block, 429)
+        self._moving = full
         return (block, CloseUpstream(*MOVED), Connect(frozenset(c.id for c in self.tried)))
 
     def _reconnect(self, block: Block | None, status: int) -> Commands:

@@ -83,7 +83,10 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
     assert got == sent_text  # every event, byte for byte, in order, one frame each
     assert "héllo" in got[3].decode()
     assert (echoed.type, echoed.data) == (aiohttp.WSMsgType.BINARY, b"\x00\x01binary\xff")
-    assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).served == 1
+    state = p.pool.state(p.pool.credentials("openai-codex")[FIRST])
+    assert state.served == 1
+    assert state.usage is not None  # the 101's x-codex-* headers feed the usage view
+    assert (state.usage.source, state.usage.windows[0].used_percent) == ("headers", 12.5)
     assert not any(blocked(p, i) for i in range(3))  # a client's close blocks nothing
 
 
@@ -343,3 +346,28 @@ async def test_the_guard_comes_first(wsc: WsClient, proxy: ProxyFactory, fake: F
     (upstream,) = fake.websocket.sockets
     assert upstream.token == KEYS[FIRST]
     assert token not in repr(upstream.headers)
+
+
+async def test_a_request_that_cannot_be_rebuilt_closes_the_socket_for_the_client_to_reconnect(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    """The conversation outgrew what credproxy keeps (here a 2 KB cap): a chained request that meets a limit
+    cannot be moved, so the client gets close 1012 and reconnects with the full input (as Codex does), which
+    goes to the next credential."""
+    fake.websocket.on(ws.text("x" * 1200), token=KEYS[FIRST], times=1)
+    fake.websocket.on(ws.usage_limit(), token=KEYS[FIRST])
+    p = await proxy(keys(*KEYS, provider="openai-codex"), limits={"websocket_max_message_bytes": 2048})
+    socket = await wsc.connect(p)
+    long_input = {"type": "message", "role": "user", "content": "y" * 1000}
+    got = await turn(socket, create(long_input))
+    rid = orjson.loads(got[-1])["response"]["id"]
+    await socket.send_str(create(USER, previous=rid).decode())
+    msg = await socket.receive(timeout=10)
+    assert (msg.type, socket.close_code) == (aiohttp.WSMsgType.CLOSE, 1012)
+    assert blocked(p, FIRST)
+    assert len(fake.websocket.sockets) == 1  # nothing was sent to another account
+    again = await wsc.connect(p)
+    got = await turn(again, create(long_input, USER))
+    assert types(got)[-1] == "response.completed"
+    assert fake.websocket.tokens()[-1] == KEYS[SECOND]
+    await again.close()
