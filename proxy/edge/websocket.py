@@ -4,15 +4,15 @@ Theory of operation
 -------------------
 Codex talks to the Responses API over a WebSocket first whenever its provider allows it
 (protocol.md 11). A handshake reaches :meth:`Bridge.handle` after the same guard as every request (Host,
-Origin, client token: :func:`proxy.edge.server.guarded`), and then:
+Origin, client token: :func:`proxy.edge.aiohttp_server.guarded`), and then:
 
 1. **Can it be served?** Only ``<mount>/responses`` of a provider whose upstream has a WebSocket and
    whose config does not say ``"websocket": false``, while fewer than ``limits.max_websockets`` sockets
    are open. Otherwise ``426 Upgrade Required`` at once, with no upstream contact: Codex (0.153.4 and
    later) then uses HTTP for the rest of its session, instead of retrying five times first.
-2. **Which credential?** As for HTTP: the session id comes from the handshake's headers, the order from
-   the provider's selector, blocked credentials are skipped, each is tried at most once, an account's
-   token is prepared (refreshed, its usage known) first. The upstream socket (``ws``/``wss`` of the
+2. **Which credential?** (:mod:`proxy.edge.ws_open`) As for HTTP: the session id comes from the
+   handshake's headers, the order from the provider's selector, blocked credentials are skipped, each
+   is tried at most once, an account's token is prepared (refreshed, its usage known) first. The upstream socket (``ws``/``wss`` of the
    upstream URL + ``/responses``, the query kept) is opened with the chosen credential's
    ``Authorization`` (and ``chatgpt-account-id``); the client's own credentials never leave, its other
    headers (``OpenAI-Beta``, the session headers...) do, less the handshake's own. A refused upgrade is
@@ -34,38 +34,35 @@ sockets: one line per ``response.create`` (method ``WS``), one when a socket end
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 from yarl import URL
 
 from proxy.accounts.preflight import Accounts
-from proxy.config import Config, Provider
+from proxy.config import Config
 from proxy.core import headers as hdrs
 from proxy.core.clock import Clock, readable_until
-from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
 from proxy.core.headers import connection_tokens
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import Kind, Verdict, classify, error_info
-from proxy.core.replay import Action, action_for
+from proxy.core.ratelimits import Verdict
 from proxy.core.routing import check_path, find_provider, split_target, upstream_target
 from proxy.core.selection import fnv1a_utf16, session_id_from
-from proxy.core.sse import parse_json
 from proxy.core.wsplan import SocketPlan
 from proxy.edge.connections import connection_cap
 from proxy.edge.dispatch import Route, route
 from proxy.edge.error_body import error_response
-from proxy.edge.ws_relay import Link, Opened, Relay
-from proxy.edge.ws_upstream import CLOSE_TIMEOUT, UpgradeRefused, UpstreamSocket, UpstreamSockets
-from proxy.errors import ConnectFailed, NoCredentialAvailable, RequestRejected, UpstreamError
+from proxy.edge.ws_open import Link, Opened, SocketOpener
+from proxy.edge.ws_relay import Relay
+from proxy.edge.ws_upstream import CLOSE_TIMEOUT, UpgradeRefused
+from proxy.errors import NoCredentialAvailable, RequestRejected, UpstreamError
 from proxy.observe.record import Observer, RequestRecord
 
 log = logging.getLogger("credproxy")
@@ -156,20 +153,20 @@ class Bridge:
         self.relays: dict[Relay, None] = {}
         self.opened = 0  # sockets accepted since start
         self.refused = 0  # handshakes answered 426 at the socket cap
-        self._upstreams: UpstreamSockets | None = None
+        self._opener: SocketOpener | None = None
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(3).hex()
         self._shutting_down = False
 
     async def start(self) -> None:
         """Open the upstream session; the socket cap follows the connection cap (half of it, by default)."""
-        self._upstreams = UpstreamSockets(self._limits)
+        self._opener = SocketOpener(self._limits, self._pool, self.clock, self._accounts, self.block)
         if not self._limits.max_websockets:
             self.cap = max(1, connection_cap(self._limits.max_client_connections) // 2)
 
     async def close(self) -> None:
-        if self._upstreams is not None:
-            await self._upstreams.close()
+        if self._opener is not None:
+            await self._opener.close()
 
     def drain(self, grace: float) -> None:
         """The server stops (SIGTERM): no new socket; each open one ends after its response in flight,
@@ -325,92 +322,9 @@ class Bridge:
         response.headers["x-credproxy-attempts"] = str(record.attempts)
         return response
 
-    # Opening an upstream socket --------------------------------------------------------------
-
     async def open_upstream(self, link: Link, exclude: frozenset[str], tried: list[Credential]) -> Opened:
-        """A socket for ``link`` on the session's next credential not in ``exclude``, by the HTTP rules:
-        skip what is blocked, prepare accounts, classify a refusal, block a limit, refresh an account
-        once after a 401, disable a refused key. Every credential tried goes into ``tried``."""
-        assert self._upstreams is not None, "the bridge has not started"
-        provider, record = link.provider, link.record
-        order = [c for c in self._pool.order(provider.name, link.session_id) if c.id not in exclude]
-        last_served = self._pool.last_served(provider.name, link.session_id)
-        refreshed: set[str] = set()
-        queue = iter(order)
-        cred = self._next(queue)
-        while cred is not None:
-            if cred.kind == "oauth" and self._accounts is not None:
-                prepared = await self._accounts.prepare(cred)
-                if prepared is None:
-                    cred = self._next(queue)
-                    continue
-                cred = prepared
-            tried.append(cred)
-            if cred.label in record.tried:  # the socket's record: the last one tried comes last
-                record.tried.remove(cred.label)
-            record.tried.append(cred.label)
-            headers = link.headers
-            moved = bool(exclude) or len(tried) > 1 or (last_served is not None and last_served != cred.id)
-            if provider.kind == "codex" and moved:  # the sticky-routing token belongs to the other account
-                headers = [(k, v) for k, v in headers if k.lower() not in ACCOUNT_BOUND_HEADERS]
-            try:
-                ws, answer = await self._connect(link, [*headers, *cred.auth_headers(provider.kind)], record)
-            except UpgradeRefused as refused:
-                action, verdict = self._judge(refused, cred, provider)
-                if action is Action.BLOCK:
-                    self.block(cred, verdict, record.request_id)
-                elif action is Action.DISABLE:
-                    self._pool.disable(cred, "invalid_api_key")
-                    log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
-                elif action is Action.REFRESH and self._accounts is not None and cred.id not in refreshed:
-                    refreshed.add(cred.id)
-                    fresh = await self._accounts.refresh_after_401(cred)
-                    if fresh is not None:
-                        cred = fresh  # once more on the same credential, with its new token
-                        continue
-                    self._pool.disable(cred, "needs_relogin")
-                elif action is Action.REFRESH:
-                    self._pool.disable(cred, "needs_relogin")
-                    log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
-                else:
-                    self._pool.failed(cred, verdict.reason)
-                    raise
-                cred = self._next(queue)
-                continue
-            if provider.kind == "codex" and self._accounts is not None:
-                self._accounts.observe_headers(cred, _lower(answer))
-            return Opened(ws, cred, tried, answer)
-        raise self._pool.unavailable(provider.name)
-
-    async def _connect(
-        self, link: Link, headers: hdrs.Headers, record: RequestRecord
-    ) -> tuple[UpstreamSocket, hdrs.Headers]:
-        """One handshake; a refused connection (it never left) is tried once more, as for HTTP."""
-        assert self._upstreams is not None
-        for retry in (False, True):
-            record.attempts += 1
-            try:
-                return await self._upstreams.open(link.url, headers, compress=link.compress, protocols=link.protocols)
-            except ConnectFailed:
-                if retry:
-                    raise
-                await asyncio.sleep(self._limits.connect_retry_delay)
-        raise AssertionError("unreachable")
-
-    def _judge(self, refused: UpgradeRefused, cred: Credential, provider: Provider) -> tuple[Action, Verdict]:
-        headers = _lower(refused.headers)
-        info = error_info(parse_json(refused.body)) if refused.complete and refused.body else None
-        verdict = classify(refused.status, headers, info, self.clock.time(), self.consecutive(cred))
-        if provider.kind == "codex" and self._accounts is not None:
-            self._accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
-        return action_for(verdict.kind, cred.kind), verdict
-
-    def _next(self, queue: Iterator[Credential]) -> Credential | None:
-        now = self.clock.time()
-        for cred in queue:
-            if self._pool.available(cred, now):
-                return cred
-        return None
+        assert self._opener is not None, "the bridge has not started"
+        return await self._opener.open(link, exclude, tried)
 
     # What a relay asks of its bridge (ws_relay.Host) -------------------------------------------
 
@@ -442,7 +356,8 @@ class Bridge:
             hook(cred, [data])
 
     def usage_headers(self, cred: Credential, headers: dict[str, str]) -> None:
-        if headers and self._accounts is not None and cred.kind == "oauth":
+        """An error frame's ``headers``: usage windows, as on a Codex answer (its verdict decides a block)."""
+        if headers and self._accounts is not None and self._pool.provider(cred.provider).kind == "codex":
             self._accounts.observe_headers(cred, headers, block=False)
 
     def secrets(self) -> Sequence[str]:
@@ -458,11 +373,3 @@ class Bridge:
 
 #: Headers of a refused upgrade that are not passed on (the answer gets its own length).
 _REFUSAL_OWN = frozenset({"content-length", "x-credproxy-credential", "x-credproxy-attempts"})
-
-
-def _lower(items: hdrs.Headers) -> dict[str, str]:
-    """Headers as a dict with lower-case names (first value wins)."""
-    result: dict[str, str] = {}
-    for name, value in items:
-        result.setdefault(name.lower(), value)
-    return result

@@ -24,18 +24,14 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from yarl import URL
 
-from proxy.config import Provider
 from proxy.core import wsframes
 from proxy.core.clock import Clock
 from proxy.core.credentials import Credential
-from proxy.core.headers import Headers
 from proxy.core.ratelimits import Verdict
 from proxy.core.secret import redact_bytes
 from proxy.core.selection import fnv1a_utf16
@@ -56,6 +52,7 @@ from proxy.core.wsplan import (
 from proxy.core.wsplan import (
     Relay as RelayFrames,
 )
+from proxy.edge.ws_open import Link, Opened
 from proxy.edge.ws_upstream import CLOSE_TIMEOUT, UpgradeRefused, UpstreamSocket
 from proxy.errors import NoCredentialAvailable, UpstreamError
 from proxy.observe.record import RequestRecord
@@ -67,30 +64,6 @@ TOO_BIG = 1009
 #: Code and reason of credproxy's own closes.
 IDLE = (1001, "credproxy: idle timeout")
 SHUTDOWN = (1001, "credproxy is shutting down")
-
-
-@dataclass(slots=True)
-class Link:
-    """What the upstream sockets of one client socket are opened with."""
-
-    provider: Provider
-    url: URL
-    headers: Headers  # the client's, as they may go upstream: no credentials, no handshake headers
-    compress: bool  # the client offered permessage-deflate
-    protocols: list[str]  # the subprotocols the client offered
-    record: RequestRecord  # the socket's record: its attempts count every opening
-    session_id: str | None  # from the handshake, else from the first response.create
-
-
-@dataclass(slots=True)
-class Opened:
-    """An upstream socket, the credential it was opened with, every credential the opening tried (that
-    one last), and the headers of its 101."""
-
-    ws: UpstreamSocket
-    cred: Credential
-    tried: list[Credential]
-    headers: Headers = field(default_factory=list)
 
 
 class Relay:
