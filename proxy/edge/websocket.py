@@ -12,9 +12,9 @@ Origin, client token: :func:`proxy.edge.aiohttp_server.guarded`), and then:
    later) then uses HTTP for the rest of its session, instead of retrying five times first.
 2. **Which credential?** (:mod:`proxy.edge.ws_open`) As for HTTP: the session id comes from the
    handshake's headers, the order from the provider's selector, blocked credentials are skipped, each
-   is tried at most once, an account's token is prepared (refreshed, its usage known) first. The upstream socket (``ws``/``wss`` of the
-   upstream URL + ``/responses``, the query kept) is opened with the chosen credential's
-   ``Authorization`` (and ``chatgpt-account-id``); the client's own credentials never leave, its other
+   is tried at most once, an account's token is prepared (refreshed, its usage known) first. The
+   upstream socket (``ws``/``wss`` of the upstream URL + ``/responses``, the query kept) is opened with
+   the chosen credential's ``Authorization`` (and ``chatgpt-account-id``); the client's own credentials never leave, its other
    headers (``OpenAI-Beta``, the session headers...) do, less the handshake's own. A refused upgrade is
    classified like any answer: a ``429`` blocks the credential and the next one is tried; a ``401``
    refreshes an account once; every credential limited gives the client the same ``429`` as HTTP.
