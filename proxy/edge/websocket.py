@@ -14,12 +14,12 @@ Origin, client token: :func:`proxy.edge.aiohttp_server.guarded`), and then:
    handshake's headers, the order from the provider's selector, blocked credentials are skipped, each
    is tried at most once, an account's token is prepared (refreshed, its usage known) first. The
    upstream socket (``ws``/``wss`` of the upstream URL + ``/responses``, the query kept) is opened with
-   the chosen credential's ``Authorization`` (and ``chatgpt-account-id``); the client's own credentials never leave, its other
-   headers (``OpenAI-Beta``, the session headers...) do, less the handshake's own. A refused upgrade is
-   classified like any answer: a ``429`` blocks the credential and the next one is tried; a ``401``
-   refreshes an account once; every credential limited gives the client the same ``429`` as HTTP.
-   When the handshake names no session, the socket is accepted first and the upstream one opened with
-   the first ``response.create`` (its ``prompt_cache_key`` names the session).
+   the chosen credential's ``Authorization`` (and ``chatgpt-account-id``); the client's own credentials
+   never leave, its other headers (``OpenAI-Beta``, the session headers...) do, less the handshake's
+   own. A refused upgrade is classified like any answer: a ``429`` blocks the credential and the next
+   one is tried; a ``401`` refreshes an account once; every credential limited gives the client the
+   same ``429`` as HTTP. When the handshake names no session, the socket is accepted first and the
+   upstream one opened with the first ``response.create`` (its ``prompt_cache_key`` names the session).
 3. **Accept.** The client's upgrade is answered with the upstream's ``101`` headers that Codex reads
    (``x-codex-turn-state``, ``x-models-etag``, ``x-reasoning-included``, ``openai-model``, the
    ``x-codex-*`` usage headers, which also feed the pool's usage view), masked like any relayed head,
