@@ -371,3 +371,28 @@ async def test_a_request_that_cannot_be_rebuilt_closes_the_socket_for_the_client
     assert types(got)[-1] == "response.completed"
     assert fake.websocket.tokens()[-1] == KEYS[SECOND]
     await again.close()
+
+
+async def test_a_401_at_the_upgrade_refreshes_an_account_once_and_disables_a_key(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    accounts = FakeAccounts(clock=clock)
+    accounts.install(fake)
+    entries = [accounts.add("acct-a", label="a")]
+    stale = entries[0]["access"]
+    fake.websocket.refuse(401, {"error": {"code": "token_expired", "message": "expired"}}, token=stale)
+    p = await proxy({"openai-codex": entries})
+    socket = await wsc.connect(p)
+    await turn(socket, create(USER))
+    await socket.close()
+    refused, opened = fake.websocket.sockets
+    assert refused.token == stale
+    assert opened.token == accounts.families["acct-a"].access != stale  # refreshed once, then served
+    assert len(accounts.token_calls) == 1
+
+    fake.websocket.refuse(401, {"error": {"code": "invalid_api_key", "message": "bad key"}}, token=KEYS[FIRST])
+    p = await proxy(keys(*KEYS, provider="openai-codex"))
+    socket = await wsc.connect(p)
+    await socket.close()
+    assert fake.websocket.tokens()[-2:] == [KEYS[FIRST], KEYS[SECOND]]
+    assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).disabled == "invalid_api_key"
