@@ -1,12 +1,13 @@
 """Opening an upstream socket for a client socket: the credential is chosen, prepared and judged as for
 an HTTP request.
 
-:meth:`SocketOpener.open` walks the session's order, as the HTTP handler walks it for a request: a
-credential that is blocked (or disabled) is skipped, an account's token is prepared first (refreshed,
-its usage known), each credential is tried at most once. The handshake is the request; its answer is a
-``101`` (the socket is open) or a refusal (:class:`~proxy.edge.ws_upstream.UpgradeRefused`), classified
-like any answer: a limit blocks the credential and the next one is tried, a ``401`` disables a key or
-refreshes an account once, anything else is the client's to see. Account-bound headers
+:meth:`SocketOpener.open` drives a :class:`~proxy.core.replay.ReplayPlan`, the plan of every HTTP
+request, over the session's order: the handshake is the request, and its answer a ``101`` (the socket
+is open, the plan's usual answer) or a refusal (:class:`~proxy.edge.ws_upstream.UpgradeRefused`),
+classified like any answer. So the rules are HTTP's: a credential that is blocked (or disabled) is
+skipped, an account's token is prepared first (refreshed, its usage known), each credential is tried at
+most once, a limit blocks the credential and the next one is tried, a ``401`` disables a key that says
+it is invalid or refreshes an account once, anything else is the client's to see. Account-bound headers
 (``x-codex-turn-state``) are dropped when the session moves to another account. The ``x-codex-*``
 usage headers of a ``101`` feed the usage view.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -27,14 +28,25 @@ from proxy.core.clock import Clock
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import Kind, Verdict, classify, error_info
-from proxy.core.replay import Action, action_for
+from proxy.core.ratelimits import OK, Kind, Verdict, classify, error_info
+from proxy.core.replay import (
+    NEEDS_RELOGIN,
+    Block,
+    Command,
+    Commit,
+    Disable,
+    Prepare,
+    Refresh,
+    ReplayPlan,
+    Send,
+)
 from proxy.core.sse import parse_json
 from proxy.edge.ws_upstream import UpgradeRefused, UpstreamSocket, UpstreamSockets
 from proxy.errors import ConnectFailed
 from proxy.observe.record import RequestRecord
 
 log = logging.getLogger("credproxy")
+_NOTHING: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -80,58 +92,86 @@ class SocketOpener:
         await self._upstreams.close()
 
     async def open(self, link: Link, exclude: frozenset[str], tried: list[Credential]) -> Opened:
-        """A socket for ``link`` on the session's next credential not in ``exclude``, by the HTTP rules:
-        skip what is blocked, prepare accounts, classify a refusal, block a limit, refresh an account
-        once after a 401, disable a refused key. Every credential tried goes into ``tried``."""
+        """A socket for ``link`` on the session's next credential not in ``exclude`` (a failover excludes
+        those the response was sent to), decided by a :class:`~proxy.core.replay.ReplayPlan` as for a
+        request: the handshake is its request, a 101 its usual answer. Every credential tried goes into
+        ``tried``. Raises NoCredentialAvailable (nothing left), or the refusal the client is to see."""
         provider, record = link.provider, link.record
         order = [c for c in self._pool.order(provider.name, link.session_id) if c.id not in exclude]
-        last_served = self._pool.last_served(provider.name, link.session_id)
-        refreshed: set[str] = set()
-        queue = iter(order)
-        cred = self._next(queue)
-        while cred is not None:
-            if cred.kind == "oauth" and self._accounts is not None:
-                prepared = await self._accounts.prepare(cred)
-                if prepared is None:
-                    cred = self._next(queue)
-                    continue
-                cred = prepared
-            tried.append(cred)
-            if cred.label in record.tried:  # the socket's record: the last one tried comes last
-                record.tried.remove(cred.label)
-            record.tried.append(cred.label)
-            headers = link.headers
-            moved = bool(exclude) or len(tried) > 1 or (last_served is not None and last_served != cred.id)
-            if provider.kind == "codex" and moved:  # the sticky-routing token belongs to the other account
-                headers = [(k, v) for k, v in headers if k.lower() not in ACCOUNT_BOUND_HEADERS]
-            try:
-                ws, answer = await self._connect(link, [*headers, *cred.auth_headers(provider.kind)], record)
-            except UpgradeRefused as refused:
-                action, verdict = self._judge(refused, cred, provider)
-                if action is Action.BLOCK:
-                    self._block(cred, verdict, record.request_id)
-                elif action is Action.DISABLE:
-                    self._pool.disable(cred, "invalid_api_key")
-                    log.warning("credential %s was refused (401); disabled until a human fixes it", cred.label)
-                elif action is Action.REFRESH and self._accounts is not None and cred.id not in refreshed:
-                    refreshed.add(cred.id)
-                    fresh = await self._accounts.refresh_after_401(cred)
-                    if fresh is not None:
-                        cred = fresh  # once more on the same credential, with its new token
+        # A failover moves the session off the socket's credential: account-bound headers go (rule 3).
+        moved_from = min(exclude) if exclude else self._pool.last_served(provider.name, link.session_id)
+        bound = ACCOUNT_BOUND_HEADERS if provider.kind == "codex" else _NOTHING
+        plan = ReplayPlan(order, self._pool.available, b"", moved_from, bound, self._accounts is not None)
+        accounts = self._accounts
+        opened: Opened | None = None
+        refused: UpgradeRefused | None = None
+        try:
+            commands = plan.start(self._clock.time())
+            while True:
+                step = commands[-1]  # the effects come first
+                if len(commands) > 1:
+                    self._carry_out(commands[:-1], record.request_id)
+                if type(step) is Commit:
+                    if opened is not None:  # served: each completed response counts (ws_relay)
+                        result, opened = opened, None
+                        return result
+                    assert refused is not None
+                    self._pool.failed(step.cred, step.verdict.reason)
+                    raise refused
+                if type(step) is Send:
+                    cred = step.cred
+                    tried.append(cred)
+                    if cred.label in record.tried:  # the socket's record: the last one tried comes last
+                        record.tried.remove(cred.label)
+                    record.tried.append(cred.label)
+                    headers = (
+                        link.headers
+                        if not step.drop
+                        else [(k, v) for k, v in link.headers if k.lower() not in step.drop]
+                    )
+                    try:
+                        ws, answer = await self._connect(link, [*headers, *cred.auth_headers(provider.kind)], record)
+                    except UpgradeRefused as exc:
+                        refused = exc
+                        verdict = self._judge(exc, cred, provider)
+                        commands = plan.answered(verdict, exc.status, self._clock.time())
                         continue
-                    self._pool.disable(cred, "needs_relogin")
-                elif action is Action.REFRESH:
-                    self._pool.disable(cred, "needs_relogin")
-                    log.warning("credential %s is refused (401) even after a refresh; it needs a re-login", cred.label)
+                    refused = None
+                    if provider.kind == "codex" and accounts is not None:
+                        accounts.observe_headers(cred, _lower(answer))
+                    opened = Opened(ws, cred, tried, answer)
+                    commands = plan.answered(OK, 101, self._clock.time())
+                elif type(step) is Prepare:
+                    assert accounts is not None
+                    commands = plan.prepared(await accounts.prepare(step.cred), self._clock.time())
+                elif type(step) is Refresh:
+                    assert accounts is not None
+                    commands = plan.refreshed(await accounts.refresh_after_401(step.cred), self._clock.time())
                 else:
-                    self._pool.failed(cred, verdict.reason)
-                    raise
-                cred = self._next(queue)
-                continue
-            if provider.kind == "codex" and self._accounts is not None:
-                self._accounts.observe_headers(cred, _lower(answer))
-            return Opened(ws, cred, tried, answer)
-        raise self._pool.unavailable(provider.name)
+                    raise self._pool.unavailable(provider.name)
+        except BaseException:
+            self._carry_out(plan.interrupted(), record.request_id)
+            if opened is not None:
+                await opened.ws.close(code=1001, message=b"credproxy: the client left")
+            raise
+
+    def _carry_out(self, effects: Sequence[Command], request_id: str) -> None:
+        """The plan's effects on the pool (blocks and disables), said in the log as for HTTP."""
+        for effect in effects:
+            if type(effect) is Block:
+                self._block(effect.cred, effect.verdict, request_id)
+            elif type(effect) is Disable:
+                self._pool.disable(effect.cred, effect.reason)
+                if effect.reason == NEEDS_RELOGIN:
+                    log.warning(
+                        "credential %s is refused (401) even after a refresh; it needs a re-login", effect.cred.label
+                    )
+                else:
+                    log.warning(
+                        "credential %s was refused (401 %s); disabled until a human fixes it",
+                        effect.cred.label,
+                        effect.verdict.reason,
+                    )
 
     async def _connect(
         self, link: Link, headers: hdrs.Headers, record: RequestRecord
@@ -147,20 +187,14 @@ class SocketOpener:
                 await asyncio.sleep(self._limits.connect_retry_delay)
         raise AssertionError("unreachable")
 
-    def _judge(self, refused: UpgradeRefused, cred: Credential, provider: Provider) -> tuple[Action, Verdict]:
+    def _judge(self, refused: UpgradeRefused, cred: Credential, provider: Provider) -> Verdict:
         headers = _lower(refused.headers)
         info = error_info(parse_json(refused.body)) if refused.complete and refused.body else None
-        verdict = classify(refused.status, headers, info, self._clock.time(), self._pool.state(cred).consecutive_limits)
+        consecutive = self._pool.state(cred).consecutive_limits
+        verdict = classify(refused.status, headers, info, self._clock.time(), consecutive)
         if provider.kind == "codex" and self._accounts is not None:
             self._accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
-        return action_for(verdict.kind, cred.kind), verdict
-
-    def _next(self, queue: Iterator[Credential]) -> Credential | None:
-        now = self._clock.time()
-        for cred in queue:
-            if self._pool.available(cred, now):
-                return cred
-        return None
+        return verdict
 
 
 def _lower(items: hdrs.Headers) -> dict[str, str]:
