@@ -62,6 +62,7 @@ from proxy.core import wsframes
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import OK, Kind, Verdict
+from proxy.core.replay import Block  # a limit's effect: carried out as the replay plan's are
 
 
 class Phase(Enum):
@@ -125,14 +126,6 @@ class Forward:
     """Send this text frame to the current upstream socket."""
 
     data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Block ``cred`` until ``verdict.until`` (an effect: the plan goes on)."""
-
-    cred: Credential
-    verdict: Verdict
 
 
 @dataclass(frozen=True, slots=True)

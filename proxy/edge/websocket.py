@@ -35,7 +35,6 @@ sockets: one line per ``response.create`` (method ``WS``), one when a socket end
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -46,26 +45,25 @@ from yarl import URL
 from proxy.accounts.preflight import Accounts
 from proxy.config import Config
 from proxy.core import headers as hdrs
-from proxy.core.clock import Clock, readable_until
+from proxy.core.clock import Clock
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
 from proxy.core.headers import connection_tokens
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import Verdict
+from proxy.core.replay import Block
 from proxy.core.routing import check_path, find_provider, split_target, upstream_target
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.wsplan import SocketPlan
 from proxy.edge.connections import connection_cap
 from proxy.edge.dispatch import Route, route
+from proxy.edge.effects import carry_out
 from proxy.edge.error_body import error_response
-from proxy.edge.ws_open import Link, Opened, SocketOpener
+from proxy.edge.ws_open import MOVES, Link, Opened, SocketOpener
 from proxy.edge.ws_relay import Relay
 from proxy.edge.ws_upstream import CLOSE_TIMEOUT, UpgradeRefused
 from proxy.errors import NoCredentialAvailable, RequestRejected, UpstreamError
 from proxy.observe.record import Observer, RequestRecord
-
-log = logging.getLogger("credproxy")
 
 #: Headers of the client's handshake that are the handshake's own: aiohttp writes the upstream's.
 _HANDSHAKE = frozenset(
@@ -160,7 +158,7 @@ class Bridge:
 
     async def start(self) -> None:
         """Open the upstream session; the socket cap follows the connection cap (half of it, by default)."""
-        self._opener = SocketOpener(self._limits, self._pool, self.clock, self._accounts, self.block)
+        self._opener = SocketOpener(self._limits, self._pool, self.clock, self._accounts)
         if not self._limits.max_websockets:
             self.cap = max(1, connection_cap(self._limits.max_client_connections) // 2)
 
@@ -328,16 +326,9 @@ class Bridge:
 
     # What a relay asks of its bridge (ws_relay.Host) -------------------------------------------
 
-    def block(self, cred: Credential, verdict: Verdict, request_id: str) -> None:
-        self._pool.block(cred, verdict)
-        log.info(
-            "socket %s: credential %s limited (%s) until %s (from %s); the session moves to the next one",
-            request_id,
-            cred.label,
-            verdict.reason,
-            readable_until(verdict.until, self.clock.time()),
-            verdict.source,
-        )
+    def carry_out(self, effects: Sequence[Block], request_id: str) -> None:
+        """A limit met on the socket: the credential is blocked, as for HTTP (:mod:`proxy.edge.effects`)."""
+        carry_out(self._pool, self.clock, effects, MOVES, f"socket {request_id}: ")
 
     def succeeded(self, cred: Credential, session_id: str | None) -> None:
         self._pool.succeeded(cred, session_id)

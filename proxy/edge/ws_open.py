@@ -15,8 +15,7 @@ usage headers of a ``101`` feed the usage view.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -28,24 +27,13 @@ from proxy.core.clock import Clock
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import OK, Kind, Verdict, classify, error_info
-from proxy.core.replay import (
-    NEEDS_RELOGIN,
-    Block,
-    Command,
-    Commit,
-    Disable,
-    Prepare,
-    Refresh,
-    ReplayPlan,
-    Send,
-)
-from proxy.core.sse import parse_json
+from proxy.core.ratelimits import OK, Kind, Verdict, classify_error_body
+from proxy.core.replay import Command, Commit, Prepare, Refresh, ReplayPlan, Send
+from proxy.edge.effects import carry_out
 from proxy.edge.ws_upstream import UpgradeRefused, UpstreamSocket, UpstreamSockets
 from proxy.errors import ConnectFailed
 from proxy.observe.record import RequestRecord
 
-log = logging.getLogger("credproxy")
 _NOTHING: frozenset[str] = frozenset()
 
 
@@ -73,19 +61,18 @@ class Opened:
     headers: hdrs.Headers = field(default_factory=list)
 
 
-#: Blocks a credential and says so: (credential, verdict, the socket's request id).
-Blocker = Callable[[Credential, Verdict, str], None]
+#: The end of the log line of a block met by a socket: what happens to its session.
+MOVES = "; the session moves to the next one"
 
 
 class SocketOpener:
     """Opens upstream sockets on the pool's credentials (module docstring); one per bridge."""
 
-    def __init__(self, limits: Limits, pool: Pool, clock: Clock, accounts: Accounts | None, block: Blocker) -> None:
+    def __init__(self, limits: Limits, pool: Pool, clock: Clock, accounts: Accounts | None) -> None:
         self._limits = limits
         self._pool = pool
         self._clock = clock
         self._accounts = accounts
-        self._block = block
         self._upstreams = UpstreamSockets(limits)
 
     async def close(self) -> None:
@@ -157,21 +144,7 @@ class SocketOpener:
 
     def _carry_out(self, effects: Sequence[Command], request_id: str) -> None:
         """The plan's effects on the pool (blocks and disables), said in the log as for HTTP."""
-        for effect in effects:
-            if type(effect) is Block:
-                self._block(effect.cred, effect.verdict, request_id)
-            elif type(effect) is Disable:
-                self._pool.disable(effect.cred, effect.reason)
-                if effect.reason == NEEDS_RELOGIN:
-                    log.warning(
-                        "credential %s is refused (401) even after a refresh; it needs a re-login", effect.cred.label
-                    )
-                else:
-                    log.warning(
-                        "credential %s was refused (401 %s); disabled until a human fixes it",
-                        effect.cred.label,
-                        effect.verdict.reason,
-                    )
+        carry_out(self._pool, self._clock, effects, MOVES, f"socket {request_id}: ")
 
     async def _connect(
         self, link: Link, headers: hdrs.Headers, record: RequestRecord
@@ -188,10 +161,12 @@ class SocketOpener:
         raise AssertionError("unreachable")
 
     def _judge(self, refused: UpgradeRefused, cred: Credential, provider: Provider) -> Verdict:
+        """A refused upgrade is classified as an HTTP error answer is (its body read, bounded)."""
         headers = _lower(refused.headers)
-        info = error_info(parse_json(refused.body)) if refused.complete and refused.body else None
         consecutive = self._pool.state(cred).consecutive_limits
-        verdict = classify(refused.status, headers, info, self._clock.time(), consecutive)
+        verdict = classify_error_body(
+            refused.status, headers, refused.body, refused.complete, self._clock.time(), consecutive
+        )
         if provider.kind == "codex" and self._accounts is not None:
             self._accounts.observe_headers(cred, headers, block=verdict.kind is not Kind.LIMITED)
         return verdict

@@ -32,11 +32,10 @@ from aiohttp import WSMsgType, web
 from proxy.core import wsframes
 from proxy.core.clock import Clock
 from proxy.core.credentials import Credential
-from proxy.core.ratelimits import Verdict
+from proxy.core.replay import Block
 from proxy.core.secret import redact_bytes
 from proxy.core.selection import fnv1a_utf16
 from proxy.core.wsplan import (
-    Block,
     CloseClient,
     CloseUpstream,
     Command,
@@ -254,7 +253,7 @@ class Relay:
             self._ended(command)
         elif kind is Block:
             assert isinstance(command, Block)
-            self.bridge.block(command.cred, command.verdict, self.record.request_id)
+            self.bridge.carry_out((command,), self.record.request_id)
         elif kind is Connect:
             assert isinstance(command, Connect)
             await self._run(await self._connect(command.exclude))
@@ -424,7 +423,7 @@ class Host(Protocol):
         ``tried``. Raises NoCredentialAvailable, or UpgradeRefused / UpstreamError."""
         ...
 
-    def block(self, cred: Credential, verdict: Verdict, request_id: str) -> None: ...
+    def carry_out(self, effects: Sequence[Block], request_id: str) -> None: ...
 
     def succeeded(self, cred: Credential, session_id: str | None) -> None: ...
 

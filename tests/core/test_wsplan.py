@@ -11,12 +11,12 @@ from proxy.core import wsframes
 from proxy.core.conversation import Conversation
 from proxy.core.credentials import Credential
 from proxy.core.ratelimits import Kind
+from proxy.core.replay import Block
 from proxy.core.secret import Secret
 from proxy.core.wsplan import (
     MOVED,
     RECONNECT,
     TABLE,
-    Block,
     CloseClient,
     CloseUpstream,
     Command,
