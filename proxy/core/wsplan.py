@@ -387,8 +387,7 @@ class SocketPlan:
         return tuple(ended)
 
     def _failover(self, cred: Credential, found: Verdict) -> Commands:
-        self._held = []
-        self.conversation.ended()
+        self._held = []  # the response goes on elsewhere: its output will be recorded from the new socket
         block = Block(cred, found)
         self.cred = None
         if len(self._inflight) != 1:

@@ -346,7 +346,7 @@ def function_call(command: str = "echo fake-tool-ran") -> Reply:
 
 
 def usage_limit(
-    resets_in: int = 3600,
+    resets_in: int | None = 3600,
     *,
     after: int = 0,
     status_key: str = "status",
@@ -354,18 +354,15 @@ def usage_limit(
     code: str = "usage_limit_reached",
     headers: Mapping[str, str] | None = None,
 ) -> Reply:
-    """The backend's usage-limit error frame (protocol.md 3.1), after ``after`` events of a text answer."""
+    """The backend's usage-limit error frame (protocol.md 3.1), after ``after`` events of a text answer;
+    ``resets_in`` ``None``: no reset in the error (the frame's ``headers`` may say when)."""
 
     async def reply(turn: Turn) -> None:
         if after:
             await turn.send(*responses_events(turn.response_id(), turn.model, "partial", turn.now())[:after])
-        error = {
-            "type": code,
-            "message": "The usage limit has been reached",
-            "plan_type": "plus",
-            "resets_at": turn.now() + resets_in,
-            "resets_in_seconds": resets_in,
-        }
+        error: dict[str, Any] = {"type": code, "message": "The usage limit has been reached", "plan_type": "plus"}
+        if resets_in is not None:
+            error.update(resets_at=turn.now() + resets_in, resets_in_seconds=resets_in)
         frame: dict[str, Any] = {"type": "error", status_key: status, "error": error}
         frame["headers"] = dict(headers) if headers is not None else {"x-codex-primary-used-percent": "100.0"}
         await turn.send(frame)

@@ -136,10 +136,17 @@ def test_a_chained_request_reaches_the_new_account_in_full_without_another_accou
     assert orjson.loads(forward.data) == {"type": "response.create", "model": "m", "input": [USER, CALL, OUTPUT]}
     # After the failover the socket stays on B: B's own responses chain as usual.
     feed(plan, CREATED)
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "b"}]}
+    feed(plan, event("response.output_item.done", item=answer))
     feed(plan, completed("resp_b1"))
     nxt, data = create(USER, previous="resp_b1")
     assert plan.request(nxt, data) == (Forward(data),)
     assert plan.tried == [B]
+    # And a later limit moves it again, with everything: the answer B gave to the moved request included.
+    assert feed(plan, LIMIT)[-1] == Connect(frozenset({B.id}))
+    (forward,) = plan.connected(C, [C])
+    assert isinstance(forward, Forward)
+    assert orjson.loads(forward.data)["input"] == [USER, CALL, OUTPUT, answer, USER]
 
 
 def test_usage_frames_are_held_until_the_response_commits_and_dropped_on_a_failover() -> None:

@@ -35,6 +35,7 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
     p = await proxy(keys(*KEYS, provider="openai-codex"))
     socket = await wsc.connect(
         p,
+        path="/codex/responses?client=test",
         compress=15,
         headers={
             "Authorization": "Bearer client-secret",
@@ -63,6 +64,7 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
     (upstream,) = fake.websocket.sockets
     await upstream.ended.wait()
 
+    assert upstream.target == "/backend-api/codex/responses?client=test"  # the upstream URL + /responses, query kept
     assert upstream.token == KEYS[FIRST]
     assert upstream.header("chatgpt-account-id") is None
     assert upstream.header("cookie") is None
@@ -90,20 +92,30 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
     assert not any(blocked(p, i) for i in range(3))  # a client's close blocks nothing
 
 
+@pytest.mark.parametrize(
+    ("limit", "blocked_for"),
+    [
+        (ws.usage_limit(resets_in=1800), 1800),  # the reset in the error, as the backend sends it
+        # status_code (the alias), another limit code, and the reset only in the frame's headers
+        (ws.usage_limit(None, status_key="status_code", code="rate_limit_exceeded", headers={"retry-after": "900"}), 900),
+    ],
+    ids=["usage_limit_reached", "status_code_and_frame_headers"],
+)
 async def test_a_limit_before_the_first_event_fails_over_invisibly(
-    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock, limit: ws.Reply, blocked_for: int
 ) -> None:
-    fake.websocket.on(ws.usage_limit(resets_in=1800), token=KEYS[FIRST])
+    fake.websocket.on(limit, token=KEYS[FIRST])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
     socket = await wsc.connect(p)
     got = await turn(socket, create(USER))
     assert types(got)[-1] == "response.completed"
-    assert b"usage_limit_reached" not in b"".join(got)
+    assert b"error" not in b"".join(got)
     first, second = fake.websocket.sockets
     assert (first.token, second.token) == (KEYS[FIRST], KEYS[SECOND])
+    assert first.requests() == second.requests() == [orjson.loads(create(USER))]  # the same request, once each
     assert got == [f.data for f in second.sent if f.kind == "text"]
-    assert blocked(p, FIRST)
-    assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).blocked_until == clock.time() + 1800
+    assert not first.compressed and not second.compressed  # the client offered no permessage-deflate
+    assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).blocked_until == clock.time() + blocked_for
     # The socket stays on the new credential: the next turn chains there, on the same upstream socket.
     rid = orjson.loads(got[-1])["response"]["id"]
     got = await turn(socket, create(USER, previous=rid))
@@ -113,6 +125,33 @@ async def test_a_limit_before_the_first_event_fails_over_invisibly(
     await socket.close()
     await first.ended.wait()
     assert first.close_code == 1000  # credproxy let go of the limited account's socket
+    assert not blocked(p, SECOND)
+
+
+async def test_a_later_limit_fails_over_again_with_the_whole_conversation(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, clock: ManualClock
+) -> None:
+    """A moved session moves again at its next limit: the third account gets every turn of both others."""
+    asks = [{"type": "message", "role": "user", "content": f"turn {n}"} for n in range(3)]
+    fake.websocket.on(ws.usage_limit(), token=KEYS[FIRST])
+    fake.websocket.on(ws.usage_limit(), token=KEYS[SECOND], when=lambda s, r: r["input"] == [asks[2]])
+    p = await proxy(keys(*KEYS, provider="openai-codex"))
+    socket = await wsc.connect(p)
+    answers = []
+    previous = None
+    for ask in asks:
+        got = await turn(socket, create(ask, previous=previous))
+        assert types(got)[-1] == "response.completed", got
+        previous = orjson.loads(got[-1])["response"]["id"]
+        answers.extend(orjson.loads(f)["item"] for f in got if orjson.loads(f)["type"] == "response.output_item.done")
+    assert fake.websocket.tokens() == [KEYS[FIRST], KEYS[SECOND], KEYS[THIRD]]
+    first, second, third = fake.websocket.sockets
+    assert [r.get("previous_response_id") for r in second.requests()] == [None, *second.responses]
+    (full,) = third.requests()
+    assert "previous_response_id" not in full
+    assert full["input"] == [asks[0], answers[0], asks[1], answers[1], asks[2]]
+    assert blocked(p, FIRST) and blocked(p, SECOND) and not blocked(p, THIRD)
+    await socket.close()
 
 
 async def test_a_chained_request_reaches_the_new_account_in_full(
