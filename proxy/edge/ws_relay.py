@@ -63,6 +63,7 @@ TOO_BIG = 1009
 #: Code and reason of credproxy's own closes.
 IDLE = (1001, "credproxy: idle timeout")
 SHUTDOWN = (1001, "credproxy is shutting down")
+GONE = (1001, "credproxy: the client went away")
 
 
 class Relay:
@@ -149,7 +150,7 @@ class Relay:
                             await self._run(self.plan.client_closed(1001, reason))
                         else:
                             self.outcome = self.outcome or "client_gone"
-                            await self._run(self.plan.client_closed(1001, "credproxy: the client went away"))
+                            await self._run(self.plan.client_closed(*GONE, 499, "client_gone"))
                 return
 
     async def _client_text(self, data: bytes) -> None:
@@ -347,7 +348,7 @@ class Relay:
             record.error = ended.reason
             record.duration = self.bridge.clock.monotonic() - record.duration
             self.bridge.observe(record)
-        if self._draining and not self._responses:
+        if self._draining and not self._responses and not self._closing:
             self._later(self._shut(*SHUTDOWN, "shutdown"))
 
     # Ending ----------------------------------------------------------------------------------
@@ -382,22 +383,28 @@ class Relay:
         task.add_done_callback(self._background.discard)
 
     async def _finish(self) -> None:
-        """Close whatever is still open, briefly: a peer that never answers a close is cut."""
+        """Close whatever is still open, briefly: a peer that never answers a close is cut.
+
+        After a cancellation (the client's connection went away, or ``shutdown_grace`` passed) responses
+        may still be in flight: the plan ends them as a close would, and they are logged so (499, or 503
+        at shutdown); nothing is blocked."""
+        self._closing = True  # from here on nothing else closes the client (no _shut)
         pump, self._pump = self._pump, None
         if pump is not None and not pump.done():
             pump.cancel()
+        code, reason = SHUTDOWN if self._draining else GONE
+        if self._responses:
+            status, outcome = (503, "shutdown") if self._draining else (499, "client_gone")
+            self.outcome = self.outcome or outcome
+            for command in self.plan.client_closed(code, reason, status, outcome):
+                if type(command) is Ended:
+                    self._ended(command)
         upstream, self._upstream = self._upstream, None
         closing: list[asyncio.Future[object]] = [t for t in self._background if not t.done()]
         if upstream is not None:
-            closing.append(asyncio.ensure_future(upstream.close(code=1001, message=b"credproxy: the client left")))
+            closing.append(asyncio.ensure_future(upstream.close(code=code, message=reason.encode())))
         if not self._client.closed:
-            self._closing = True
-            closing.append(asyncio.ensure_future(self._client.close(code=1001, message=SHUTDOWN[1].encode())))
-        for record in self._responses:  # cut by cancellation (shutdown_grace passed)
-            record.status, record.outcome = 503, self.outcome or "shutdown"
-            record.duration = self.bridge.clock.monotonic() - record.duration
-            self.bridge.observe(record)
-        self._responses.clear()
+            closing.append(asyncio.ensure_future(self._client.close(code=code, message=reason.encode())))
         waiting = [t for t in (pump, *closing) if t is not None]
         if waiting:
             await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT)

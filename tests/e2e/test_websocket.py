@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from proxy.app import BRIDGE
 from proxy.core.clock import ManualClock
 from proxy.testing import fake_websocket as ws
 from proxy.testing.fake_accounts import FakeAccounts
@@ -97,7 +98,10 @@ async def test_frames_pass_byte_for_byte_both_ways_with_the_proxys_credential_on
     [
         (ws.usage_limit(resets_in=1800), 1800),  # the reset in the error, as the backend sends it
         # status_code (the alias), another limit code, and the reset only in the frame's headers
-        (ws.usage_limit(None, status_key="status_code", code="rate_limit_exceeded", headers={"retry-after": "900"}), 900),
+        (
+            ws.usage_limit(None, status_key="status_code", code="rate_limit_exceeded", headers={"retry-after": "900"}),
+            900,
+        ),
     ],
     ids=["usage_limit_reached", "status_code_and_frame_headers"],
 )
@@ -114,7 +118,7 @@ async def test_a_limit_before_the_first_event_fails_over_invisibly(
     assert (first.token, second.token) == (KEYS[FIRST], KEYS[SECOND])
     assert first.requests() == second.requests() == [orjson.loads(create(USER))]  # the same request, once each
     assert got == [f.data for f in second.sent if f.kind == "text"]
-    assert not first.compressed and not second.compressed  # the client offered no permessage-deflate
+    assert (first.compressed, second.compressed) == (False, False)  # the client offered no permessage-deflate
     assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).blocked_until == clock.time() + blocked_for
     # The socket stays on the new credential: the next turn chains there, on the same upstream socket.
     rid = orjson.loads(got[-1])["response"]["id"]
@@ -137,7 +141,7 @@ async def test_a_later_limit_fails_over_again_with_the_whole_conversation(
     fake.websocket.on(ws.usage_limit(), token=KEYS[SECOND], when=lambda s, r: r["input"] == [asks[2]])
     p = await proxy(keys(*KEYS, provider="openai-codex"))
     socket = await wsc.connect(p)
-    answers = []
+    answers: list[Any] = []
     previous = None
     for ask in asks:
         got = await turn(socket, create(ask, previous=previous))
@@ -145,12 +149,12 @@ async def test_a_later_limit_fails_over_again_with_the_whole_conversation(
         previous = orjson.loads(got[-1])["response"]["id"]
         answers.extend(orjson.loads(f)["item"] for f in got if orjson.loads(f)["type"] == "response.output_item.done")
     assert fake.websocket.tokens() == [KEYS[FIRST], KEYS[SECOND], KEYS[THIRD]]
-    first, second, third = fake.websocket.sockets
+    _, second, third = fake.websocket.sockets
     assert [r.get("previous_response_id") for r in second.requests()] == [None, *second.responses]
     (full,) = third.requests()
     assert "previous_response_id" not in full
     assert full["input"] == [asks[0], answers[0], asks[1], answers[1], asks[2]]
-    assert blocked(p, FIRST) and blocked(p, SECOND) and not blocked(p, THIRD)
+    assert [blocked(p, i) for i in (FIRST, SECOND, THIRD)] == [True, True, False]
     await socket.close()
 
 
@@ -340,7 +344,7 @@ async def test_status_metrics_and_the_access_log_show_sockets_and_responses(
         await turn(socket, create(USER))
         await turn(socket, create(USER))
         await socket.close()
-        await wait_until(lambda: not p.app[__import__("proxy.app").app.BRIDGE].relays)
+        await wait_until(lambda: not p.app[BRIDGE].relays)
     lines = [r.getMessage() for r in caplog.records if r.name == "credproxy.access"]
     a, b = f"openai-codex#{FIRST + 1}", f"openai-codex#{SECOND + 1}"
     assert len(lines) == 3, lines
@@ -435,3 +439,37 @@ async def test_a_401_at_the_upgrade_refreshes_an_account_once_and_disables_a_key
     await socket.close()
     assert fake.websocket.tokens()[-2:] == [KEYS[FIRST], KEYS[SECOND]]
     assert p.pool.state(p.pool.credentials("openai-codex")[FIRST]).disabled == "invalid_api_key"
+
+
+async def test_a_client_that_leaves_mid_response_blocks_nothing(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its socket while a response is on its way, or drops the connection without a
+    close (Codex never completes a close handshake: 1006 on this side): the upstream socket is closed with
+    it, no credential is blocked, and the response is logged as the client's doing (499)."""
+    fake.websocket.on(ws.silent())
+    p = await proxy(keys(*KEYS, provider="openai-codex"))
+    with caplog.at_level("INFO", logger="credproxy.access"):
+        socket = await wsc.connect(p)
+        await socket.send_str(create(USER).decode())
+        await wait_until(lambda: bool(fake.websocket.sockets and fake.websocket.sockets[0].requests()))
+        await socket.close(code=1000, message=b"done")
+        async with aiohttp.ClientSession() as own:  # closed with the connection still open: no close frame
+            dropped = await own.ws_connect(p.url + "/codex/responses", headers={"session-id": SID})
+            await dropped.send_str(create(USER).decode())
+            await wait_until(lambda: len(fake.websocket.sockets) == 2 and bool(fake.websocket.sockets[1].requests()))
+        closed_by_client, dropped_by_client = fake.websocket.sockets
+        for upstream in fake.websocket.sockets:
+            await upstream.ended.wait()
+        await wait_until(lambda: not p.app[BRIDGE].relays)
+    assert closed_by_client.received[-1] == ws.Frame("close", b"1000 done")
+    assert dropped_by_client.received[-1] == ws.Frame("close", b"1001 credproxy: the client went away")
+    assert not any(blocked(p, i) for i in range(3))
+    assert all(p.pool.state(c).consecutive_limits == 0 for c in p.pool.credentials("openai-codex"))
+    lines = sorted(r.getMessage().split(" ", 2)[2] for r in caplog.records if r.name == "credproxy.access")
+    assert [line.split(" session=")[0] for line in lines] == [
+        "GET /codex/responses -> 101 client_closed",
+        "GET /codex/responses -> 101 client_gone",
+        "WS /codex/responses -> 499 client_closed",
+        "WS /codex/responses -> 499 client_gone",
+    ]
