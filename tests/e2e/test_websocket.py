@@ -264,7 +264,7 @@ async def test_upstream_closes_and_the_connection_limit_are_passed_on(
     assert orjson.loads(frame)["error"]["code"] == "websocket_connection_limit_reached"
     await socket.send_str(create(USER).decode())
     msg = await socket.receive(timeout=10)
-    assert (msg.type, socket.close_code) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert (msg.type, socket.close_code, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1001, "fake close")  # code and reason
     assert not any(blocked(p, i) for i in range(3))
     assert len(fake.websocket.sockets) == 1
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -12,7 +15,7 @@ import pytest
 from proxy.app import BRIDGE
 from proxy.testing import fake_websocket as ws
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.conftest import ProxyFactory, RunningProxy, keys, wait_until
+from tests.conftest import ProxyFactory, RunningProxy, default_providers, keys, start_serve, wait_until, write_json
 from tests.e2e.wsclient import KEYS, USER, WsClient, closed, create, turn, types, wsc
 
 __all__ = ["wsc"]  # the fixture
@@ -100,3 +103,35 @@ async def test_sockets_never_outlive_shutdown_grace(wsc: WsClient, proxy: ProxyF
     assert time.monotonic() - started < 1.5 + 5  # the grace, and a margin for a loaded machine
     for upstream in fake.websocket.sockets:
         await asyncio.wait_for(upstream.ended.wait(), 5)
+
+
+async def test_a_real_sigterm_closes_every_socket_within_the_grace(tmp_path: Path, fake: FakeUpstream) -> None:
+    """``credproxy serve`` and the signal itself: the idle socket closes at once, the one whose response
+    never ends at ``shutdown_grace``; the process exits 0."""
+    fake.websocket.on(ws.silent())
+    write_json(tmp_path / "auth.json", CODEX_KEYS)
+    doc = {"credentials_file": "auth.json", "providers": default_providers(fake), "limits": {"shutdown_grace": 0.5}}
+    # PYTHONMALLOC set: serve runs at once instead of re-executing itself to set it (a second start-up).
+    serving = await start_serve(write_json(tmp_path / "config.json", doc), env={**os.environ, "PYTHONMALLOC": "malloc"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = serving.url + "/codex/responses"
+            idle = await session.ws_connect(url, headers={"session-id": "idle"})
+            stuck = await session.ws_connect(url, headers={"session-id": "stuck"})
+            await stuck.send_str(create(USER).decode())
+            await wait_until(lambda: any(s.requests() for s in fake.websocket.sockets))
+            started = time.monotonic()
+            serving.process.send_signal(signal.SIGTERM)
+            assert await closed(idle) == 1001
+            assert not stuck.closed  # its response may still finish
+            assert await closed(stuck) == 1001
+            cut = time.monotonic() - started
+        assert await asyncio.wait_for(serving.process.wait(), 30) == 0
+    finally:
+        if serving.process.returncode is None:
+            serving.process.kill()
+    assert 0.45 <= cut < 0.5 + 5  # at the grace (a margin for a loaded machine)
+    for upstream in fake.websocket.sockets:
+        await asyncio.wait_for(upstream.ended.wait(), 5)
+        assert upstream.close_code == 1001
+    assert "WS /codex/responses -> 503 shutdown" in serving.log()
