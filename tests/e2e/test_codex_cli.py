@@ -1,7 +1,8 @@
 """The real Codex CLI over the Responses WebSocket, through credproxy, against the fake upstream.
 
 Runs when the CLI is installed: ``CREDPROXY_CODEX_BIN`` names the binary, else ``codex`` on ``PATH``
-(``npm install @openai/codex@0.171.0``, the version the README names); skipped only when there is none.
+(``npm install @openai/codex@0.171.0``, the version the README names); skipped when there is none, or
+when it says it is another version.
 Codex gets a custom provider with ``supports_websockets = true`` (README, "Codex over the WebSocket"),
 a throwaway ``HOME`` and ``CODEX_HOME`` inside the checkout (ignored by git: a ``CODEX_HOME`` under
 ``/tmp`` makes Codex warn, and the machine's login profile can stall its tool runs), and the three
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,11 +32,31 @@ KEYS = ("sk-codex-alpha-01", "sk-codex-bravo-02")
 TOOL_OUTPUT = "fake-tool-ran"
 
 
+VERSION = "0.171.0"  # the version the README names: its behaviour on the socket differs between releases
+
+
 def codex_binary() -> str | None:
-    return os.environ.get("CREDPROXY_CODEX_BIN") or shutil.which("codex")
+    """The Codex CLI to run, when there is one that can run."""
+    path = os.environ.get("CREDPROXY_CODEX_BIN") or shutil.which("codex")
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
 pytestmark = pytest.mark.skipif(codex_binary() is None, reason="the Codex CLI is not installed (CREDPROXY_CODEX_BIN)")
+
+
+@pytest.fixture(scope="module")
+def codex() -> str:
+    """The binary, once it says it is the version the README names (another one is skipped, not failed)."""
+    binary = codex_binary()
+    assert binary is not None
+    try:
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"the Codex CLI at {binary} does not run: {exc}")
+    if VERSION not in version.split():
+        said = version.strip().splitlines()[0] if version.strip() else "of no known version"
+        pytest.skip(f"the Codex CLI at {binary} is {said}, not {VERSION}")
+    return binary
 
 
 @pytest.fixture
@@ -56,9 +78,7 @@ async def running(tmp_path: Path, fake: FakeUpstream, clock: ManualClock) -> Asy
     await stop_all(running)
 
 
-async def run_codex(p: RunningProxy, home: Path, prompt: str) -> tuple[int, str, str]:
-    binary = codex_binary()
-    assert binary is not None
+async def run_codex(binary: str, p: RunningProxy, home: Path, prompt: str) -> tuple[int, str, str]:
     provider = (
         '{name="credproxy",base_url="' + p.url + '/codex",wire_api="responses",'
         'env_key="CREDPROXY_TOKEN",supports_websockets=true}'
@@ -108,10 +128,10 @@ def script(fake: FakeUpstream, limit_second_turn: bool) -> None:
 
 @pytest.mark.parametrize("limited", [False, True], ids=["two_turns", "first_account_limited_on_turn_two"])
 async def test_codex_exec_with_a_tool_call_over_the_websocket(
-    running: RunningProxy, fake: FakeUpstream, codex_home: Path, limited: bool
+    codex: str, running: RunningProxy, fake: FakeUpstream, codex_home: Path, limited: bool
 ) -> None:
     script(fake, limit_second_turn=limited)
-    code, out, err = await run_codex(running, codex_home, "Run the echo command, then say done")
+    code, out, err = await run_codex(codex, running, codex_home, "Run the echo command, then say done")
     assert code == 0, err[-3000:]
     assert "all done" in out
     assert [r for r in fake.records if r.method == "POST"] == []  # no HTTP model call: all over the socket
@@ -133,8 +153,13 @@ async def test_codex_exec_with_a_tool_call_over_the_websocket(
     assert "previous_response_id" in chained[1]
     assert full[0] is second
     assert "previous_response_id" not in full[1]
-    kinds = [item.get("type") for item in full[1]["input"]]
-    assert kinds[-2:] == ["function_call", "function_call_output"]  # the whole conversation, rebuilt
-    assert kinds.count("message") >= 2  # the instructions and the user's prompt
+    # The whole conversation, rebuilt as Codex itself sends it on a new socket: every input item of the
+    # first socket (the pre-warm's instructions, the turn's messages, the tool's output) with the answer's
+    # function call in its place; the rest of the request as Codex sent it, less previous_response_id.
+    prewarm, call, result = first.requests()
+    assert prewarm.get("generate") is False
+    (answered,) = [f.json()["item"] for f in first.sent if f.json().get("type") == "response.output_item.done"]
+    assert full[1]["input"] == [*prewarm["input"], *call["input"], answered, *result["input"]]
+    assert full[1] == {**{k: v for k, v in result.items() if k != "previous_response_id"}, "input": full[1]["input"]}
     limited_cred = next(c for c in running.pool.credentials("openai-codex") if c.token.reveal() == first.token)
     assert running.pool.state(limited_cred).blocked_until > 0
