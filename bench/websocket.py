@@ -151,7 +151,8 @@ def table(figures: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"| {label}: latency p50 / p99, µs | {d['p50_us']:,.0f} / {d['p99_us']:,.0f} | "
-                f"{c['p50_us']:,.0f} / {c['p99_us']:,.0f} | +{c['p50_us'] - d['p50_us']:,.0f} / "
+                f"{c['p50_us']:,.0f} / {c['p99_us']:,.0f} ({c['p50_us'] / d['p50_us']:.2f}x / "
+                f"{c['p99_us'] / d['p99_us']:.2f}x) | +{c['p50_us'] - d['p50_us']:,.0f} / "
                 f"+{c['p99_us'] - d['p99_us']:,.0f} µs per frame; {c['cpu_us_per_frame']:.1f} µs CPU per frame |"
             )
     return "\n".join(lines)
