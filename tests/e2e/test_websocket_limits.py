@@ -135,3 +135,24 @@ async def test_a_real_sigterm_closes_every_socket_within_the_grace(tmp_path: Pat
         await asyncio.wait_for(upstream.ended.wait(), 5)
         assert upstream.close_code == 1001
     assert "WS /codex/responses -> 503 shutdown" in serving.log()
+
+
+async def test_a_socket_is_neither_an_idle_connection_nor_one_to_evict(
+    wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream
+) -> None:
+    """The keep-alive timeout and the cap's eviction of waiting connections leave an open socket alone:
+    Codex's socket is silent for minutes while a tool runs."""
+    p = await proxy(CODEX_KEYS, limits={"client_keepalive_timeout": 0.1, "max_client_connections": 2})
+    socket = await wsc.connect(p)
+    assert types(await turn(socket, create(USER)))[-1] == "response.completed"
+    host, port = p.url.removeprefix("http://").split(":")
+    waiting = await asyncio.open_connection(host, int(port))  # says nothing: the cap is reached
+    newcomer = await asyncio.open_connection(host, int(port))  # evicts a waiting connection: not the socket
+    assert await asyncio.wait_for(waiting[0].read(), 10) == b""  # closed
+    assert p.runner.table.evicted == 1
+    for _, writer in (waiting, newcomer):
+        writer.close()
+    await asyncio.sleep(0.5)  # five keep-alive timeouts of silence
+    assert types(await turn(socket, create(USER)))[-1] == "response.completed"
+    assert len(fake.websocket.sockets) == 1  # the same upstream socket throughout
+    await socket.close()
