@@ -37,6 +37,7 @@ from proxy.edge.fast_transport import FastTransport
 from proxy.edge.forward import Forwarder
 from proxy.edge.server import Server
 from proxy.edge.transport import Transport, UpstreamResponse
+from proxy.edge.websocket import Bridge, refusals, upgrade_or
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.storage.backend import STATE, make_backend, state_view
@@ -55,6 +56,7 @@ SYNC = web.AppKey("sync", FileSync)
 GUARD = web.AppKey("guard", Guard)
 METRICS = web.AppKey("metrics", Metrics)
 ADMIN = web.AppKey("admin", Admin)
+BRIDGE = web.AppKey("bridge", Bridge)
 
 
 class Shutdown:
@@ -128,12 +130,20 @@ def make_app(
     app[STATE] = backend
     forwarder.secrets = known_secrets(app)
     shutdown = app[SHUTDOWN] = Shutdown(config.limits.shutdown_grace)
+    # The Responses WebSocket: the same observers (access log, metrics) and usage hooks as HTTP.
+    bridge = Bridge(config, pool, clock, accounts, refusals(forwarder.unavailable_response), forwarder.secrets)
+    bridge.observers = forwarder.observers
+    bridge.usage_hooks = forwarder.stream_event_hooks
+    metrics.open_websockets = bridge.open_by_provider
+    app[BRIDGE] = bridge
 
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         transport = transport_factory(config)
         forwarder.transport = transport
         await backend.start()
+        await bridge.start()
         yield
+        await bridge.close()
         deadline = shutdown.begin()
         closers: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("usage checks", accounts.close),
@@ -149,13 +159,16 @@ def make_app(
 
     app.cleanup_ctx.append(sessions)
     admin = Admin(pool, clock, metrics)
-    admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status)
+    admin.extras.update(files=sync.status, tokens=custodian.status, state=backend.status, websockets=bridge.status)
     admin.problems.extend([backend.problems, custodian.problems, accounts.problems])
     admin.views["state"] = lambda: state_view(pool, backend, clock.time())
     admin.install(app.router)
     app[ADMIN] = admin
     app.router.add_route(
-        "*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler(config.limits.max_body_bytes)
+        "*",
+        "/{tail:.*}",
+        upgrade_or(bridge, forwarder.handle),
+        expect_handler=expect_handler(config.limits.max_body_bytes),
     )
     return app
 
@@ -215,7 +228,10 @@ def make_server(app: web.Application) -> Server:
     (see proxy/edge/server.py); ``"server": "fast"`` answers on the fast server."""
     forwarder = app[FORWARDER]
     fast = (forwarder.serve, app[ADMIN].serve) if app[CONFIG].server == "fast" else None
-    return Server(app, app[GUARD], app[CONFIG].limits, direct=forwarder.handle, fast=fast)
+    bridge = app[BRIDGE]
+    server = Server(app, app[GUARD], app[CONFIG].limits, direct=upgrade_or(bridge, forwarder.handle), fast=fast)
+    server.stopping.append(bridge.drain)
+    return server
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[Server, int]:

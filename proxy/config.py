@@ -67,6 +67,10 @@ class Limits:
     max_request_line_bytes: int = 8190
     max_header_bytes: int = 8190
     max_headers: int = 128
+    # The Responses WebSocket bridge (proxy/edge/websocket.py).
+    websocket_max_message_bytes: int = 32 * 1024 * 1024  # one frame, or one message (fragments, inflated)
+    websocket_idle_timeout: float = 300.0  # a socket with no frame either way for this long is closed
+    max_websockets: int = 0  # 0: half the connection cap (proxy.edge.server.connection_cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,8 @@ class Provider:
     usage_url: URL | None = None
     #: Above this percentage of any usage window, a credential gets no new sessions while another has headroom.
     soft_limit_percent: float | None = None
+    #: Serve the Responses WebSocket (False: answer an upgrade with 426, so that clients use HTTP at once).
+    websocket: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +255,19 @@ def _security(section: Section, base: Path) -> Security:
     )
 
 
-_PROVIDER_KEYS = ("mount", "upstream", "kind", "selector", "token_url", "client_id", "usage_url", "soft_limit_percent")
+_PROVIDER_KEYS = (
+    "mount",
+    "upstream",
+    "kind",
+    "selector",
+    "token_url",
+    "client_id",
+    "usage_url",
+    "soft_limit_percent",
+    "websocket",
+)
+#: Provider kinds whose upstream has a Responses WebSocket.
+WEBSOCKET_KINDS = ("openai", "codex")
 
 
 def _limits(section: Section) -> Limits:
@@ -269,6 +287,11 @@ def _limits(section: Section) -> Limits:
         max_request_line_bytes=section.integer("max_request_line_bytes", d.max_request_line_bytes, 256, 1 << 20),
         max_header_bytes=section.integer("max_header_bytes", d.max_header_bytes, 256, 1 << 20),
         max_headers=section.integer("max_headers", d.max_headers, 8, 10_000),
+        websocket_max_message_bytes=section.integer(
+            "websocket_max_message_bytes", d.websocket_max_message_bytes, 1024, 1 << 30
+        ),
+        websocket_idle_timeout=section.number("websocket_idle_timeout", d.websocket_idle_timeout, 0.01, 86400),
+        max_websockets=section.integer("max_websockets", d.max_websockets, 0, 1_000_000),
     )
 
 
@@ -344,7 +367,15 @@ def _provider(section: Section, name: str) -> Provider:
         client_id=client_id,
         usage_url=_url(section, "usage_url", usage_url) if usage_url else default_usage_url(upstream, kind),
         soft_limit_percent=float(soft) if soft is not None else None,
+        websocket=_websocket(section, kind),
     )
+
+
+def _websocket(section: Section, kind: str) -> bool:
+    served = section.get("websocket", bool, kind in WEBSOCKET_KINDS, "true or false")
+    if served and kind not in WEBSOCKET_KINDS:
+        raise section.fail("websocket", f"a provider of kind {kind} has no WebSocket upstream; remove the key")
+    return served
 
 
 def default_kind(name: str, upstream: URL) -> str:

@@ -191,6 +191,10 @@ def render_status(doc: Mapping[str, Any], url: str) -> str:
             )
         else:
             out.append("  (no credentials: every request gets 503)")
+        sockets = ((doc.get("websockets") or {}).get("providers") or {}).get(provider["name"])
+        if sockets:
+            on = ", ".join(f"{label}: {n}" for label, n in sorted(sockets["by_credential"].items()))
+            out.append(f"  websockets: {sockets['open']} open ({on})")
     for problem in doc.get("degraded") or []:
         out.append(f"\nwarning: {problem['what']}: {problem['detail']}")
     return "\n".join(out)

@@ -54,6 +54,8 @@ from typing import Any, NamedTuple
 
 from proxy.core import anthropic
 from proxy.core.backoff import backoff
+from proxy.core.encoding import readable
+from proxy.core.sse import parse_json
 
 LIMIT_CODES = frozenset(
     {
@@ -174,6 +176,17 @@ def classify(
     if status >= 400:
         return Verdict(Kind.ERROR, reason=code or f"http_{status}")
     return OK
+
+
+def classify_error_body(
+    status: int, headers: Mapping[str, str], body: bytes, complete: bool, now: float, consecutive: int = 0
+) -> Verdict:
+    """Classify an error answer (``status`` >= 400) from its head and the first bytes of its body:
+    ``complete`` when that was all of it (only a whole body is read, inflated first when the headers
+    say it is compressed). An HTTP answer and a refused WebSocket upgrade are judged alike."""
+    text = readable(body, headers.get("content-encoding")) if complete and body else None
+    info = error_info(parse_json(text)) if text else None
+    return classify(status, headers, info, now, consecutive)
 
 
 _PERMISSION = re.compile(r"(?i)insufficient permissions|missing scopes?\b|\bpermission")

@@ -5,8 +5,8 @@ The fast server parses every request with llhttp (:mod:`proxy.edge.fast_server`)
 it cannot disagree with the parser:
 
 * a ``GET`` that llhttp read as an upgrade (``Connection: upgrade``) to ``websocket`` is
-  :data:`Route.WEBSOCKET`: the connection, from that request on, is handed to the WebSocket handler
-  (today aiohttp's server, which has no WebSocket route yet and forwards it as a plain ``GET``);
+  :data:`Route.WEBSOCKET`: the connection, from that request on, is handed to aiohttp's server,
+  where the Responses WebSocket bridge answers it (:mod:`proxy.edge.websocket`, by this same rule);
 * a path under ``/_credproxy`` (percent-escapes decoded, as aiohttp's router decodes them) is
   :data:`Route.ADMIN`;
 * everything else is :data:`Route.PROXY`, including a path that merely looks odd: the forwarder

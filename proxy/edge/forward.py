@@ -26,19 +26,24 @@ from aiohttp import web
 from proxy.config import Config, Provider
 from proxy.core import anthropic
 from proxy.core import headers as hdrs
-from proxy.core.clock import Clock, readable_until
+from proxy.core.clock import Clock
 from proxy.core.continuation import ACCOUNT_BOUND_HEADERS
 from proxy.core.credentials import Credential
-from proxy.core.encoding import readable
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
-from proxy.core.ratelimits import LIMIT_CODES, OK, ErrorInfo, Kind, Verdict, classify, error_info
+from proxy.core.ratelimits import (
+    LIMIT_CODES,
+    OK,
+    ErrorInfo,
+    Kind,
+    Verdict,
+    classify,
+    classify_error_body,
+    error_info,
+)
 from proxy.core.replay import (
-    NEEDS_RELOGIN,
-    Block,
     Command,
     Commit,
-    Disable,
     Prepare,
     Refresh,
     ReplayPlan,
@@ -50,6 +55,7 @@ from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import EventScanner, parse_json, split_first_event
 from proxy.edge.aiohttp_server import AiohttpClient
 from proxy.edge.client import Client, Incoming, Outlet
+from proxy.edge.effects import NEXT, carry_out
 from proxy.edge.error_body import error_response, json_response
 from proxy.edge.transport import Deliver, Transport, UpstreamResponse
 from proxy.errors import (
@@ -256,33 +262,10 @@ class Forwarder:
             record.outcome = "upstream_status"
             self._pool.failed(cred, commit.verdict.reason)
 
-    def _carry_out(self, effects: Sequence[Command], then: str = "; trying the next one") -> None:
+    def _carry_out(self, effects: Sequence[Command], then: str = NEXT) -> None:
         """The plan's effects on the pool, for the request path and late stream events alike (``then``
         ends a block's log line: what happens to the request)."""
-        for effect in effects:
-            if type(effect) is Block:
-                verdict = effect.verdict
-                self._pool.block(effect.cred, verdict)
-                log.info(
-                    "credential %s limited (%s) until %s (from %s)%s",
-                    effect.cred.label,
-                    verdict.reason,
-                    readable_until(verdict.until, self._clock.time()),
-                    verdict.source,
-                    then,
-                )
-            elif type(effect) is Disable:
-                self._pool.disable(effect.cred, effect.reason)
-                if effect.reason == NEEDS_RELOGIN:
-                    log.warning(
-                        "credential %s is refused (401) even after a refresh; it needs a re-login", effect.cred.label
-                    )
-                else:
-                    log.warning(
-                        "credential %s was refused (401 %s); disabled until a human fixes it",
-                        effect.cred.label,
-                        effect.verdict.reason,
-                    )
+        carry_out(self._pool, self._clock, effects, then)
 
     async def _send(
         self,
@@ -340,10 +323,8 @@ class Forwarder:
         status = upstream.status
         if status >= 400:
             body, complete = await _read_up_to(upstream, MAX_ERROR_BODY)
-            text = readable(body, headers.get("content-encoding")) if complete and body else None
-            info = error_info(parse_json(text)) if text else None
             consecutive = self._pool.state(cred).consecutive_limits
-            return classify(status, headers, info, self._clock.time(), consecutive), body
+            return classify_error_body(status, headers, body, complete, self._clock.time(), consecutive), body
         if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
             prefix = b""
             while len(prefix) < MAX_PEEK:
@@ -451,6 +432,10 @@ class Forwarder:
                 self._carry_out(stream_event(cred, verdict), "; said late in a stream already passed on")
         for hook in self.stream_event_hooks:
             hook(cred, events)
+
+    def unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
+        """The 429 (or 503) of a request no credential can serve; WebSocket handshakes get it too."""
+        return self._unavailable_response(exc, record)
 
     def _unavailable_response(self, exc: NoCredentialAvailable, record: RequestRecord) -> web.Response:
         provider = self._provider(exc.provider)

@@ -17,6 +17,7 @@ clean-up runs (state flush, transports closed).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -64,6 +65,8 @@ class Server:
         self._settings: FastSettings | None = None
         self._table: ConnectionTable | None = None
         self.port = 0
+        #: Told first when the server stops, with the grace (the WebSocket bridge ends its sockets).
+        self.stopping: list[Callable[[float], None]] = []
 
     @property
     def table(self) -> ConnectionTable:
@@ -113,6 +116,8 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        for stop in self.stopping:
+            stop(self._limits.shutdown_grace)
         if self._table is not None:
             await self._table.shutdown(self._limits.shutdown_grace)
         await self._runner.cleanup()

@@ -21,7 +21,7 @@ strange upstream cannot grow the number of series.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -41,6 +41,8 @@ KNOWN_REASONS = (
     | CONTINUATION_CODES
     | {"rate_limited", "usage_exhausted", "unauthorized", "invalid_api_key", "needs_relogin"}
 )
+#: The method of a WebSocket response's record (proxy/edge/ws_relay.py).
+WEBSOCKET_RESPONSE = "WS"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -90,13 +92,24 @@ class Metrics(Collector):
         self.blocks: dict[tuple[str, str], int] = {}
         self.disables: dict[tuple[str, str], int] = {}
         self._seen: dict[str, tuple[float, str]] = {}
+        # The Responses WebSocket: responses on sockets (records of method WS), sockets that ended (101).
+        self.ws_responses: dict[tuple[str, int, str], int] = {}
+        self.ws_sockets: dict[tuple[str, str], int] = {}
+        self.open_websockets: Callable[[], dict[str, int]] = dict
         self.registry.register(self)
         self.registry.register(PoolCollector(pool, clock))
 
     def __call__(self, record: RequestRecord) -> None:
-        """Observer of one finished request."""
+        """Observer of one finished request (a ``response.create`` on a WebSocket: method ``WS``)."""
         key = (record.provider, record.status, record.outcome)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        if record.method == WEBSOCKET_RESPONSE:
+            self.ws_responses[key] = self.ws_responses.get(key, 0) + 1
+        elif record.status == 101:  # a socket ended; its responses are counted on their own
+            ended = (record.provider, record.outcome)
+            self.ws_sockets[ended] = self.ws_sockets.get(ended, 0) + 1
+            return
+        else:
+            self.requests[key] = self.requests.get(key, 0) + 1
         per = self.providers.get(record.provider)
         if per is None:
             per = self.providers[record.provider] = _PerProvider()
@@ -169,6 +182,27 @@ class Metrics(Collector):
         for (provider, reason), count in sorted(self.disables.items()):
             disables.add_metric([provider, reason], count)
         yield from (requests, attempts, replays, blocks, disables, latency, duration)
+        yield from self._websockets()
+
+    def _websockets(self) -> Iterator[Any]:
+        responses = CounterMetricFamily(
+            "credproxy_websocket_responses",
+            "Responses (response.create) on Responses WebSockets, by provider, status and outcome.",
+            labels=["provider", "status", "outcome"],
+        )
+        for (provider, status, outcome), count in sorted(self.ws_responses.items()):
+            responses.add_metric([provider or "none", str(status), outcome or "none"], count)
+        sockets = CounterMetricFamily(
+            "credproxy_websocket_sessions",
+            "Responses WebSockets that ended, by provider and how they ended.",
+            labels=["provider", "outcome"],
+        )
+        for (provider, outcome), count in sorted(self.ws_sockets.items()):
+            sockets.add_metric([provider or "none", outcome or "none"], count)
+        open_now = GaugeMetricFamily("credproxy_websocket_open", "Responses WebSockets open now.", labels=["provider"])
+        for provider, count in sorted(self.open_websockets().items()):
+            open_now.add_metric([provider], count)
+        yield from (responses, sockets, open_now)
 
 
 class PoolCollector(Collector):

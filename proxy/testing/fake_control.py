@@ -13,6 +13,13 @@ Flags::
     --port N                   listen on 127.0.0.1:N (default 0: a free port; the URL is printed)
     --limit TOKEN[=SECONDS]    limit TOKEN from the start, for SECONDS (default 3600); repeatable
     --unauthorized TOKEN       refuse TOKEN with 401; repeatable
+    --limit-after N[=SECONDS]  limit every token once it has answered N model calls (HTTP or WebSocket)
+    --ws-tool-call CMD         on the WebSocket, answer a conversation's first turn with a call of the
+                               shell tool running CMD, and the turn carrying its result with text
+
+On the Responses WebSocket (``GET .../responses`` with ``Upgrade: websocket``) a limited token's upgrade
+gets the same answer as its HTTP requests, and a socket opened before the limit gets the usage-limit
+error frame (``{"type": "error", "status": 429, ...}``) for its next ``response.create``.
 
 Control endpoints, on the fake's own port (recorded apart from model traffic, like the usage endpoint)::
 
@@ -34,6 +41,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from proxy.core.clock import Clock
+from proxy.testing.fake_websocket import FakeWebSocket, Socket, Turn
 
 
 class Recorded(Protocol):
@@ -57,6 +65,9 @@ class FakeUpstream(Protocol):
 
     def on(self, responder: Any, *, when: Any = None) -> None: ...
 
+    @property
+    def websocket(self) -> FakeWebSocket: ...
+
     def tokens(self) -> list[str | None]: ...
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str: ...
@@ -73,9 +84,16 @@ class Controls:
     clock: Clock
     limited: dict[str, float] = field(default_factory=dict)  # token -> until (epoch seconds)
     refused: set[str] = field(default_factory=set)
+    after: tuple[int, float] | None = None  # --limit-after: (model calls, seconds)
+    fake: FakeUpstream | None = None
 
     def install(self, fake: FakeUpstream) -> None:
+        self.fake = fake
         fake.on(self._answer, when=self._applies)
+        # The WebSocket: a refused or limited token's upgrade gets the same answer, and a socket opened
+        # before its token was limited gets the usage-limit error frame.
+        fake.websocket.gates.append(lambda socket: self._refusal(socket.token, socket.target))
+        fake.websocket.on(self._frame, when=self._limited_socket, prewarm=True)
         fake.control_routes[f"{PREFIX}/limit"] = self._limit
         fake.control_routes[f"{PREFIX}/unauthorized"] = self._unauthorized
         fake.control_routes[f"{PREFIX}/clear"] = self._clear
@@ -97,25 +115,56 @@ class Controls:
         return 0.0 if until is None else until - self.clock.time()
 
     def _applies(self, recorded: Recorded) -> bool:
+        self._count_out(recorded.token, 1)
         return recorded.token in self.refused or self._left(recorded.token) > 0
+
+    def _count_out(self, token: str | None, current: int) -> None:
+        """--limit-after: limit ``token`` once it answered enough calls (``current`` of them are this one)."""
+        if self.after is None or self.fake is None or token is None or self._left(token) > 0:
+            return
+        calls = sum(1 for t in self.fake.tokens() if t == token)
+        for socket in self.fake.websocket.sockets:
+            if socket.token == token:
+                calls += sum(1 for r in socket.requests() if r.get("generate") is not False)
+        if calls - current >= self.after[0]:
+            self.limit(token, self.after[1])
+
+    def _limited_socket(self, socket: Socket, request: dict[str, object]) -> bool:
+        if request.get("generate") is not False:
+            self._count_out(socket.token, 1)
+        return self._left(socket.token) > 0
 
     async def _answer(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         """The answers of :func:`~proxy.testing.fake_upstream.unauthorized`, ``usage_limit`` and ``rate_limit``."""
-        if recorded.token in self.refused:
+        answer = self._refusal(recorded.token, recorded.path)
+        assert answer is not None  # _applies said so
+        return answer
+
+    def _refusal(self, token: str | None, path: str) -> web.Response | None:
+        if token in self.refused:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        left = max(1, math.ceil(self._left(recorded.token)))
-        if "/backend-api/" in recorded.path:
-            error = {
-                "type": "usage_limit_reached",
-                "message": "The usage limit has been reached",
-                "plan_type": "plus",
-                "resets_at": math.ceil(self.clock.time()) + left,
-                "eligible_promo": None,
-                "resets_in_seconds": left,
-            }
-            return web.json_response({"error": error}, status=429)
+        if self._left(token) <= 0:
+            return None
+        if "/backend-api/" in path:
+            return web.json_response({"error": self._usage_limit(token)}, status=429)
         message = "Rate limit reached for gpt-fake on tokens per min (TPM)."
+        left = max(1, math.ceil(self._left(token)))
         return _error(429, message, "tokens", "rate_limit_exceeded", {"Retry-After": str(left)})
+
+    def _usage_limit(self, token: str | None) -> dict[str, object]:
+        left = max(1, math.ceil(self._left(token)))
+        return {
+            "type": "usage_limit_reached",
+            "message": "The usage limit has been reached",
+            "plan_type": "plus",
+            "resets_at": math.ceil(self.clock.time()) + left,
+            "eligible_promo": None,
+            "resets_in_seconds": left,
+        }
+
+    async def _frame(self, turn: Turn) -> None:
+        """A limited token's ``response.create`` on a socket opened before the limit."""
+        await turn.send({"type": "error", "status": 429, "error": self._usage_limit(turn.socket.token)})
 
     async def _limit(self, request: web.Request, recorded: Recorded, fake: FakeUpstream) -> web.StreamResponse:
         token = request.query.get("token")
@@ -148,10 +197,17 @@ class Controls:
         requests: dict[str, int] = {}
         for token in fake.tokens():
             requests[token or ""] = requests.get(token or "", 0) + 1
+        sockets: dict[str, int] = {}
+        calls: dict[str, int] = {}
+        for socket in fake.websocket.accepted():
+            token = socket.token or ""
+            sockets[token] = sockets.get(token, 0) + 1
+            calls[token] = calls.get(token, 0) + len(socket.requests())
         return {
             "limited": {t: math.ceil(left) for t in self.limited if (left := self._left(t)) > 0},
             "unauthorized": sorted(self.refused),
             "requests": requests,
+            "websocket": {"sockets": sockets, "response_creates": calls},
         }
 
 
@@ -194,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--unauthorized", action="append", default=[], metavar="TOKEN", help="answer this token with 401"
     )
+    parser.add_argument(
+        "--limit-after",
+        type=_limit_flag,
+        metavar="N[=SECONDS]",
+        help=f"limit every token once it has answered N model calls, for SECONDS (default {DEFAULT_SECONDS})",
+    )
+    parser.add_argument(
+        "--ws-tool-call",
+        metavar="CMD",
+        help="WebSocket: answer a first turn with a call of the shell tool running CMD, its result with text",
+    )
     return parser
 
 
@@ -205,6 +272,22 @@ def run(fake: FakeUpstream, argv: Sequence[str] | None = None) -> None:
     for token, seconds in args.limit:
         controls.limit(token, seconds)
     controls.refused.update(args.unauthorized)
+    if args.limit_after is not None:
+        count, seconds = args.limit_after
+        if not count.isdigit() or int(count) < 1:
+            build_parser().error("--limit-after: N must be a whole number of calls, at least 1")
+        controls.after = (int(count), seconds)
+    if args.ws_tool_call:
+        from proxy.testing import fake_websocket  # noqa: PLC0415 (the command line's own)
+
+        def is_result(socket: Socket, request: dict[str, object]) -> bool:
+            items = request.get("input")
+            return isinstance(items, list) and any(
+                isinstance(i, dict) and i.get("type") == "function_call_output" for i in items
+            )
+
+        fake.websocket.on(fake_websocket.text("done: the tool ran"), when=is_result)
+        fake.websocket.on(fake_websocket.function_call(args.ws_tool_call))
 
     async def serve() -> None:
         url = await fake.start("127.0.0.1", args.port)

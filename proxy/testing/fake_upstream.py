@@ -41,6 +41,7 @@ from proxy.testing.fake_bodies import (
     responses_events,
     usage_payload,
 )
+from proxy.testing.fake_websocket import FakeWebSocket, is_upgrade
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,11 @@ class FakeUpstream:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when a handler is cancelled or sees its client (the proxy) disconnect.
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The Responses WebSocket (``GET .../responses`` with ``Upgrade: websocket``), recorded apart.
+    websocket: FakeWebSocket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.websocket = FakeWebSocket(self.clock)
 
     def on(
         self,
@@ -149,6 +155,8 @@ class FakeUpstream:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if is_upgrade(request):
+            return await self.websocket.handle(request)
         body = await request.read()
         headers = tuple((k, v) for k, v in request.headers.items())
         recorded = Recorded(request.method, request.raw_path, headers, body)

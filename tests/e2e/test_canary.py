@@ -27,6 +27,7 @@ from proxy.core.clock import ManualClock
 from proxy.core.selection import fnv1a_utf16
 from proxy.observe import logs
 from proxy.testing import fake_anthropic
+from proxy.testing import fake_websocket as ws
 from proxy.testing.fake_upstream import (
     FakeUpstream,
     Recorded,
@@ -37,6 +38,9 @@ from proxy.testing.fake_upstream import (
     usage_limit,
 )
 from tests.conftest import ProxyFactory, RunningProxy, default_providers, run_credproxy, wait_until, write_json
+from tests.e2e.wsclient import USER, WsClient, create, turn, wsc
+
+__all__ = ["wsc"]  # the fixture
 
 # Not shaped like sk-... or a JWT: only the pool's own knowledge of its secrets could mask them.
 CANARY_KEYS = ("canaryKEYalpha7f3a9c", "canaryKEYbravo2b8d41", "canaryKEYcharlie9e6c")
@@ -294,3 +298,57 @@ async def test_status_shows_codes_never_the_upstreams_text(
     assert creds["acct"]["last_error"] == "refresh_failed:invalid_grant"  # its leading code: a dead grant
     assert creds["acct"]["state"] == "needs_relogin"
     assert "refresh_failed:invalid_grant" in printed
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_no_canary_on_the_websocket(wsc: WsClient, proxy: ProxyFactory, fake: FakeUpstream) -> None:
+    """The Responses WebSocket: a refused upgrade that echoes every secret (passed to the client), one that
+    limits a key (failover at the handshake), a 101 whose headers echo one, an error frame that quotes the
+    key, limits on the socket (failover), every credential limited (credproxy's own frame); then logs at
+    DEBUG, everything the client got, status and metrics."""
+    everyone = " ".join((*CANARY_KEYS, CANARY_ACCESS, CANARY_REFRESH))
+    account = {"type": "oauth", "access": CANARY_ACCESS, "refresh": CANARY_REFRESH, "accountId": "acct-canary"}
+    p = await proxy({"openai-codex": [*({"type": "api_key", "key": k} for k in CANARY_KEYS), account]})
+    stream = io.StringIO()
+    logs.configure(Logging(format="text", level="debug"), known=known_secrets(p.app), stream=stream)
+    seen: list[str] = []
+    key = [CANARY_KEYS[(FIRST + i) % 3] for i in range(3)]  # the session's order: the keys, then the account
+
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13", "session-id": SID}
+    upgrade["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+    fake.websocket.refuse(404, {"error": {"message": everyone}}, headers={"X-Echo": everyone}, times=1)
+    async with p.get("/codex/responses", headers=upgrade) as r:
+        assert r.status == 404
+        seen.extend([*(f"{k}: {v}" for k, v in r.headers.items()), (await r.read()).decode()])
+
+    async def quote_the_key(t: ws.Turn) -> None:
+        error = {"type": "invalid_request_error", "code": "bad", "message": f"Incorrect API key: {t.socket.token}"}
+        await t.send({"type": "error", "status": 400, "error": error})
+
+    limited = {"error": {"type": "usage_limit_reached", "message": f"{key[0]} is limited", "resets_in_seconds": 600}}
+    fake.websocket.refuse(429, limited, headers={"X-Echo": key[0]}, token=key[0])
+    fake.websocket.upgrade_headers["x-echo"] = everyone
+    fake.websocket.on(quote_the_key, token=key[1], times=1)
+    fake.websocket.on(ws.usage_limit(), token=key[1])
+    fake.websocket.on(ws.usage_limit(), token=key[2], when=lambda s, r: "previous_response_id" in r)
+    fake.websocket.on(ws.usage_limit(), token=CANARY_ACCESS)
+    socket = await wsc.connect(p, sid=SID)
+    seen.extend(f"{k}: {v}" for k, v in wsc.upgrade().items())
+    frames = [await turn(socket, create(USER)) for _ in range(2)]  # the quoted key; a failover to key[2]
+    rid = orjson.loads(frames[-1][-1])["response"]["id"]
+    frames.append(await turn(socket, create(USER, previous=rid)))  # key[2], then the account: all limited
+    seen.extend(f.decode() for got in frames for f in got)
+    await socket.close()
+    for path in ("/_credproxy/status", "/_credproxy/metrics"):
+        async with p.get(path) as r:
+            seen.append(await r.text())
+
+    assert [s.token for s in fake.websocket.sockets] == [key[0], key[0], key[1], key[2], CANARY_ACCESS]
+    assert b"Incorrect API key: ***" in frames[0][0]  # the error frame, masked
+    assert orjson.loads(frames[-1][-1])["error"]["type"] == "usage_limit_reached"  # credproxy's own
+    log_text = stream.getvalue()
+    assert "limited" in log_text
+    assert " WS /codex/responses" in log_text
+    everything = log_text + "\n".join(seen)
+    for canary in CANARIES:
+        assert canary not in everything, canary

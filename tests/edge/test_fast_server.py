@@ -287,15 +287,17 @@ async def test_a_websocket_upgrade_goes_to_aiohttps_server(proxy: ProxyFactory, 
     assert fake.records == []
 
 
-async def test_a_websocket_upgrade_is_forwarded_as_a_plain_get_until_it_is_bridged(
+async def test_a_websocket_upgrade_reaches_the_bridge_never_the_forwarder(
     proxy: ProxyFactory, fake: FakeUpstream
 ) -> None:
+    """On both servers: the bridge answers (a handshake without a session id is accepted before any upstream
+    contact: the first response.create names the session); nothing goes upstream as a plain GET."""
     p = await proxy(keys(*KEYS))
-    fake.on(json_body(200, {"ok": 1}), path="/v1/responses")
     answer = await raw_exchange(p, websocket(b"/openai/responses"))
-    assert status_of(answer) == 200
-    [seen] = fake.records
-    assert (seen.method, seen.target, seen.header("upgrade")) == ("GET", "/v1/responses", None)
+    assert status_of(answer) == 101
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer  # RFC 6455's example key
+    assert fake.records == []
+    assert fake.websocket.sockets == []
 
 
 async def test_admin_requests_and_other_upgrades_stay_on_the_fast_server(

@@ -46,7 +46,12 @@ async def test_a_credential_is_limited_refused_and_cleared_over_http(fake: FakeU
         assert (status, body["error"]["code"]) == (401, "invalid_api_key")
         await call(s, "POST", f"{base}/_fake/limit?token=sk-a")
         status, (doc, _) = await call(s, "GET", f"{base}/_fake/state")
-        assert doc == {"limited": {"sk-a": 3600}, "unauthorized": ["sk-b"], "requests": {"sk-a": 4, "sk-b": 2}}
+        assert doc == {
+            "limited": {"sk-a": 3600},
+            "unauthorized": ["sk-b"],
+            "requests": {"sk-a": 4, "sk-b": 2},
+            "websocket": {"sockets": {}, "response_creates": {}},
+        }
         await call(s, "POST", f"{base}/_fake/clear?token=sk-b")
         assert (await call(s, "POST", f"{base}/v1/responses", "sk-b"))[0] == 200
         await call(s, "POST", f"{base}/_fake/clear")
