@@ -124,8 +124,8 @@ class SharedTokens(Protocol):
         """The last token call any replica recorded for ``cred``."""
         ...
 
-    async def record(self, cred: Credential, attempt: Attempt) -> None:
-        """Record a token call (its intent, then its outcome) for the other replicas."""
+    async def record(self, cred: Credential, attempt: Attempt) -> bool:
+        """Record a token call (its intent, then its outcome) for the other replicas; False if it could not."""
         ...
 
     async def store(self, old: Credential, fresh: Credential, fence: int | None, generation: int) -> Offer | None:
@@ -382,7 +382,12 @@ class Custodian:
         failures = (previous.failures if previous is not None else 0) + 1
         now = self._clock.time()
         # The intent first: a holder that dies during the call leaves an ambiguous attempt, not a free token.
-        await self._record(current, Attempt(fp, Outcome.PENDING, now, failures, now + self._retry_in(failures)))
+        intent = Attempt(fp, Outcome.PENDING, now, failures, now + self._retry_in(failures))
+        if self.shared is not None and not await self.shared.record(current, intent):
+            # Redis took the lock but cannot keep the intent (it stopped answering since): should the lock
+            # expire or be released before our tokens reach Redis, the next holder would find no trace.
+            return self._unknown(current, "Redis cannot record the token call it would make")
+        await self._record(current, intent, shared=False)
         self.token_calls += 1
         provider = self._pool.provider(current.provider)
         answer = await token_endpoint.redeem(
@@ -616,11 +621,12 @@ class Custodian:
             if attempt is not None:
                 self._learn(cred.id, Record(attempt=attempt))
 
-    async def _record(self, cred: Credential, attempt: Attempt, spend: bool = False) -> None:
+    async def _record(self, cred: Credential, attempt: Attempt, spend: bool = False, shared: bool = True) -> None:
         record = replace(self.ledger.get(cred.id, EMPTY), attempt=attempt)
         self._learn(cred.id, record.spend(attempt.refresh, attempt.at) if spend else record)
         await self._save_ledger()
-        await self._record_shared(cred, attempt)
+        if shared:
+            await self._record_shared(cred, attempt)
 
     async def _record_shared(self, cred: Credential, attempt: Attempt) -> None:
         if self.shared is not None:

@@ -153,12 +153,15 @@ class RedisState:
             await self.link.reset()
         pubsub = self.link.client.pubsub()
         try:
-            await self.tokens.release_abandoned()  # locks our late requests may have taken while Redis was away
             with self.link.guard():
                 await pubsub.subscribe(self._keys.channel)  # first: nothing published from now on is missed
             await self._push([c.id for c in self._pool.all_credentials()])
             await self._pull()
             await self._reconcile_tokens()
+            # Only now the locks our late requests (or a refresh that could not release) left while Redis was
+            # away: the tokens such a refresh got are in Redis first, so the next holder cannot redeem the
+            # refresh token they replaced.
+            await self.tokens.release_abandoned()
             self.link.restored()
             self._ready.set()
             self._failures = 0
@@ -186,6 +189,7 @@ class RedisState:
                     await self._push(sorted(self._dirty))
             if asyncio.get_running_loop().time() - self._pulled >= self.poll_interval:
                 await self._pull()
+                await self._reconcile_tokens()  # before the abandoned locks, as at the start of a session
                 await self.tokens.release_abandoned()
             await self._reconcile_tokens()
 

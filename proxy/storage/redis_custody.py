@@ -241,10 +241,15 @@ class RedisTokens:
         except orjson.JSONDecodeError:
             return None
 
-    async def record(self, cred: Credential, attempt: Attempt) -> None:
-        """Record a token call for the next holder (its intent before the call, its outcome after)."""
-        with contextlib.suppress(RedisUnavailable), self._link.guard():
-            await self._link.client.hset(self._keys.tokens(cred.id), "attempt", orjson.dumps(attempt.to_json()))
+    async def record(self, cred: Credential, attempt: Attempt) -> bool:
+        """Record a token call for the next holder (its intent before the call, its outcome after); False
+        when Redis did not answer."""
+        try:
+            with self._link.guard():
+                await self._link.client.hset(self._keys.tokens(cred.id), "attempt", orjson.dumps(attempt.to_json()))
+        except RedisUnavailable:
+            return False
+        return True
 
     # Tokens ------------------------------------------------------------------------------------
 

@@ -7,19 +7,23 @@ generation), which token the model endpoint saw, and what the credentials file h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
+from proxy.accounts.custody import Offer
 from proxy.app import ACCOUNTS, SYNC
 from proxy.core.clock import ManualClock
+from proxy.core.credentials import Credential
+from proxy.core.ledger import Attempt
 from proxy.core.selection import fnv1a_utf16
 from proxy.storage import files
 from proxy.testing.fake_accounts import FakeAccounts, Fault
@@ -428,3 +432,49 @@ async def test_a_refresh_back_off_lasts_its_length_when_the_wall_clock_steps_bac
     status, headers = await ask(p, session_for(0, 2))
     assert (status, headers["x-credproxy-credential"]) == (200, "a")
     assert accounts.token_calls == [("acct-a", 1)]
+
+
+class SharedThatStoppedAnswering:
+    """A shared store (Redis) that granted the refresh lock and then stopped answering: the intent of a
+    token call cannot be recorded there, nor the tokens it would get stored."""
+
+    def __init__(self) -> None:
+        self.recorded: list[Attempt] = []
+
+    def available(self) -> bool:
+        return True
+
+    def settling(self, cred: Credential) -> float:
+        return 0.0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, cred: Credential) -> AsyncIterator[int | None]:
+        yield 7  # the lock was granted (its fence) just before Redis paused
+
+    async def newest(self, cred: Credential) -> Offer | None:
+        return None
+
+    async def attempt(self, cred: Credential) -> Attempt | None:
+        return None
+
+    async def record(self, cred: Credential, attempt: Attempt) -> bool:
+        return False
+
+    async def store(self, old: Credential, fresh: Credential, fence: int | None, generation: int) -> Offer | None:
+        raise AssertionError("no token call was to be made, so there is nothing to store")
+
+
+async def test_a_token_call_whose_intent_redis_cannot_record_is_not_made(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts
+) -> None:
+    """Case 4: with the lock granted and Redis paused right after, a call whose intent leaves no trace
+    there could be repeated by the next holder once the lock expires: no call; another account serves."""
+    entries = [accounts.add("acct-a", label="a", expires_in=-1), accounts.add("acct-b", label="b")]
+    p = await proxy({"openai-codex": entries})
+    p.app[ACCOUNTS].custodian.shared = SharedThatStoppedAnswering()
+    status, headers = await ask(p, session_for(0, 2))
+    assert (status, headers["x-credproxy-credential"]) == (200, "b")
+    assert accounts.token_calls == []
+    assert [r.path for r in token_posts(fake)] == []
+    [saved_a, _] = file_entries(p)
+    assert saved_a["refresh"] == entries[0]["refresh"]  # still usable: it was never sent
