@@ -396,3 +396,46 @@ async def test_a_rotation_whose_note_was_missed_is_adopted_at_the_next_poll_and_
     async with asyncio.timeout(3):
         while await client.hget("test:tokens:a", "fp") != rotated.fingerprint.encode():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def test_after_an_outage_tokens_got_meanwhile_reach_redis_before_an_abandoned_lock_is_released(
+    replica: Replica, fake: FakeUpstream, clock: ManualClock, redis_server: RedisServer
+) -> None:
+    """Case 4: a refresh that rotated while Redis was paused could neither store its tokens there nor
+    release its lock. Once Redis answers, the tokens go first and the lock after: the next holder finds
+    the new tokens, never the refresh token they replaced."""
+    accounts = FakeAccounts(clock=clock)
+    accounts.install(fake)
+    one = await replica("one", {"openai-codex": [accounts.add("acct-a", label="a")]})
+    state = backend(one)
+    tokens = state.tokens
+    old = one.pool.credentials("openai-codex")[0]
+    await wait_until(lambda: tokens.synced.get("a") == old.fingerprint)
+    client = state.link.client
+    await client.set("test:lock:a", "one:refresh", px=60_000)  # the refresh's lock, taken before the pause
+    redis_server.pause()
+    try:
+        await wait_until(lambda: not state.link.up, within=15.0)
+        clock.advance(60)
+        accounts._issue(accounts.families["acct-a"])  # the refresh's answer, during the pause
+        newer = accounts.entry("acct-a", label="a")
+        rotated = with_tokens(old, orjson.dumps({"access": newer["access"], "refresh": newer["refresh"]}))
+        assert rotated is not None
+        one.pool.update(rotated)
+        tokens._abandon("a", "one:refresh")  # its release found Redis away
+        seen_at_release: list[bytes | str | None] = []
+        release = tokens.release_abandoned
+
+        async def watched() -> None:
+            if "a" in tokens._abandoned and not seen_at_release:
+                seen_at_release.append(await client.hget("test:tokens:a", "fp"))
+            await release()
+
+        tokens.release_abandoned = watched  # type: ignore[method-assign]
+    finally:
+        redis_server.resume()
+    async with asyncio.timeout(15):
+        while await client.get("test:lock:a") is not None:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert seen_at_release == [rotated.fingerprint.encode()]
+    assert await client.hget("test:tokens:a", "fp") == rotated.fingerprint.encode()
