@@ -82,6 +82,8 @@ REFRESH_WAIT = 5.0
 UNKNOWN_RETRY = 2.0
 #: A request that may not refresh looks for newer tokens elsewhere at most this often per credential.
 LOOK_INTERVAL = 1.0
+#: How often a request whose token was refused, and that may not call, looks for another's new tokens.
+WATCH_POLL = 0.1
 #: At shutdown, running refreshes get this long to finish (and write their tokens) before being cancelled.
 CLOSE_WAIT = 5.0
 
@@ -194,6 +196,7 @@ class Custodian:
         self._unsaved = False  # the ledger has records the state file does not have yet
         self.ledger_error = ""  # why the ledger could not be written, until it is
         self._looked: dict[str, float] = {}  # monotonic: when a request last looked for newer tokens
+        self._watches: dict[str, asyncio.Task[Credential | None]] = {}  # refused tokens waiting for a successor
         self.unpersisted: dict[str, Credential] = {}
         self.persist_errors: dict[str, str] = {}  # why the tokens of an unpersisted credential are not written
         self.token_calls = 0
@@ -248,7 +251,10 @@ class Custodian:
                 self._relogin(current, "the token endpoint said so before")
                 return None
             if step is Step.WAIT:
-                return await self._look(current)  # no call now; but another replica may have refreshed it
+                found = await self._look(current)  # no call now; but another replica may have refreshed it
+                if found is None and current.id in self._refused:
+                    found = await self._watch(current)
+                return found
             task = self._start(current, reason)
         try:
             result = await asyncio.wait_for(asyncio.shield(task), self.wait_bound)
@@ -331,6 +337,48 @@ class Custodian:
         adopted = await self._take(cred, *newer)
         return adopted if self.serves(adopted) else None
 
+    async def _watch(self, cred: Credential) -> Credential | None:
+        """Newer tokens for a refused access token, watched for up to ``wait_bound`` (one watch per
+        credential, shared by its requests).
+
+        The upstream refuses a token that has not expired when another process or replica has just
+        rotated it: its tokens are on their way to the file and Redis. Without this, a request that may
+        not call (the custody settling, a back-off) would fail in the few milliseconds before they land.
+        """
+        task = self._watches.get(cred.id)
+        if task is None:
+            task = self._watches[cred.id] = asyncio.create_task(self._watching(cred.id))
+
+            def done(finished: asyncio.Task[Credential | None]) -> None:
+                if self._watches.get(cred.id) is finished:
+                    del self._watches[cred.id]
+
+            task.add_done_callback(done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.wait_bound)
+        except TimeoutError:
+            return None
+
+    async def _watching(self, cred_id: str) -> Credential | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_bound
+        while not self._closed:
+            cred = self._pool.by_id(cred_id)
+            if cred is None:
+                return None
+            current = self._pool.current(cred)
+            if self.serves(current):
+                return current  # taken meanwhile (a note from Redis, the file's reload)
+            newer = await self._newer(current)
+            if newer is not None:
+                adopted = await self._take(current, *newer)
+                if self.serves(adopted):
+                    return adopted
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(WATCH_POLL)
+        return None
+
     async def _without_custody(self, cred: Credential, why: str, wait: float = UNKNOWN_RETRY) -> Credential | None:
         """No token call without the custody; but newer tokens another process or replica wrote are taken."""
         current = self._pool.current(cred)
@@ -383,11 +431,12 @@ class Custodian:
         now = self._clock.time()
         # The intent first: a holder that dies during the call leaves an ambiguous attempt, not a free token.
         intent = Attempt(fp, Outcome.PENDING, now, failures, now + self._retry_in(failures))
+        await self._record(current, intent, shared=False)
         if self.shared is not None and not await self.shared.record(current, intent):
             # Redis took the lock but cannot keep the intent (it stopped answering since): should the lock
-            # expire or be released before our tokens reach Redis, the next holder would find no trace.
+            # expire or be released before our tokens reach Redis, the next holder would find no trace. No
+            # call; the intent stays in our ledger, so this token waits its back-off like an ambiguous call.
             return self._unknown(current, "Redis cannot record the token call it would make")
-        await self._record(current, intent, shared=False)
         self.token_calls += 1
         provider = self._pool.provider(current.provider)
         answer = await token_endpoint.redeem(
@@ -701,6 +750,9 @@ class Custodian:
         """Start no more refreshes; let running ones finish (and write their tokens) for a moment, then
         cancel them."""
         self._closed = True
+        watches = list(self._watches.values())
+        if watches:  # they end at their next look (closed): their requests get None, not a cancellation
+            await asyncio.wait(watches, timeout=2 * WATCH_POLL)
         tasks = list(self._tasks.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT)

@@ -478,3 +478,32 @@ async def test_a_token_call_whose_intent_redis_cannot_record_is_not_made(
     assert [r.path for r in token_posts(fake)] == []
     [saved_a, _] = file_entries(p)
     assert saved_a["refresh"] == entries[0]["refresh"]  # still usable: it was never sent
+
+
+async def test_a_refused_token_waits_for_the_successor_another_process_is_writing(
+    proxy: ProxyFactory, fake: FakeUpstream, accounts: FakeAccounts, clock: ManualClock
+) -> None:
+    """The upstream refuses a token that has not expired because another process just rotated it; this
+    one may not call now (its custody is unknown): the request waits for the other's tokens, which land
+    in the file a moment later, instead of failing in the meantime."""
+    entry = accounts.add("acct-a", label="a")
+    p = await proxy({"openai-codex": [entry]})
+    custodian = p.app[ACCOUNTS].custodian
+    cred = p.pool.by_label("a")
+    assert cred is not None
+    custodian._pause_until[cred.id] = clock.monotonic() + 60  # as when Redis cannot say who holds the custody
+    clock.advance(10)
+    accounts._issue(accounts.families["acct-a"])  # the other process's refresh: ours is refused from now on
+    newer = accounts.entry("acct-a", label="a")
+
+    async def the_other_process_writes() -> None:
+        await asyncio.sleep(0.3)
+        p.credentials_file.write_bytes(orjson.dumps({"openai-codex": [newer]}))
+
+    writer = asyncio.create_task(the_other_process_writes())
+    status, headers = await ask(p)
+    await writer
+    assert (status, headers["x-credproxy-credential"], headers["x-credproxy-attempts"]) == (200, "a", "2")
+    assert [r.token for r in fake.records] == [entry["access"], newer["access"]]
+    assert accounts.token_calls == []
+    assert accounts.reuse_errors == 0
