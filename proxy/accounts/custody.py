@@ -82,8 +82,10 @@ REFRESH_WAIT = 5.0
 UNKNOWN_RETRY = 2.0
 #: A request that may not refresh looks for newer tokens elsewhere at most this often per credential.
 LOOK_INTERVAL = 1.0
-#: How often a request whose token was refused, and that may not call, looks for another's new tokens.
+#: How often, and how long at most, requests whose token was refused (and that may not call) look for
+#: the tokens another process or replica is writing; once per refused token, then they move on at once.
 WATCH_POLL = 0.1
+WATCH_FOR = 1.0
 #: At shutdown, running refreshes get this long to finish (and write their tokens) before being cancelled.
 CLOSE_WAIT = 5.0
 
@@ -197,6 +199,7 @@ class Custodian:
         self.ledger_error = ""  # why the ledger could not be written, until it is
         self._looked: dict[str, float] = {}  # monotonic: when a request last looked for newer tokens
         self._watches: dict[str, asyncio.Task[Credential | None]] = {}  # refused tokens waiting for a successor
+        self._watched: dict[str, str] = {}  # credential id -> the refused token (digest) watched for in vain
         self.unpersisted: dict[str, Credential] = {}
         self.persist_errors: dict[str, str] = {}  # why the tokens of an unpersisted credential are not written
         self.token_calls = 0
@@ -252,7 +255,8 @@ class Custodian:
                 return None
             if step is Step.WAIT:
                 found = await self._look(current)  # no call now; but another replica may have refreshed it
-                if found is None and current.id in self._refused:
+                refused = self._refused.get(current.id)
+                if found is None and refused is not None and self._watched.get(current.id) != refused:
                     found = await self._watch(current)
                 return found
             task = self._start(current, reason)
@@ -344,6 +348,8 @@ class Custodian:
         The upstream refuses a token that has not expired when another process or replica has just
         rotated it: its tokens are on their way to the file and Redis. Without this, a request that may
         not call (the custody settling, a back-off) would fail in the few milliseconds before they land.
+        A watch that finds nothing (``WATCH_FOR``) is not repeated for the same refused token: requests
+        then move on to another account at once, as before.
         """
         task = self._watches.get(cred.id)
         if task is None:
@@ -360,8 +366,14 @@ class Custodian:
             return None
 
     async def _watching(self, cred_id: str) -> Credential | None:
+        found = await self._watch_for(cred_id)
+        if found is None and cred_id in self._refused:
+            self._watched[cred_id] = self._refused[cred_id]
+        return found
+
+    async def _watch_for(self, cred_id: str) -> Credential | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_bound
+        deadline = loop.time() + min(WATCH_FOR, self.wait_bound)
         while not self._closed:
             cred = self._pool.by_id(cred_id)
             if cred is None:
