@@ -65,3 +65,30 @@ def find_provider(providers: tuple[Provider, ...]) -> Callable[[str], tuple[Prov
         return None
 
     return lookup
+
+
+class Router:
+    """Where a request goes, for every edge that forwards one (HTTP requests, WebSocket handshakes)."""
+
+    __slots__ = ("_lookup", "_origins")
+
+    def __init__(self, providers: tuple[Provider, ...]) -> None:
+        self._lookup = find_provider(providers)
+        # Per provider: its upstream's origin and base path, computed once (not per request).
+        self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in providers}
+
+    def route(self, raw_target: str) -> tuple[Provider, str, str]:
+        """``(provider, rest of the path below its mount, query)``; raises :class:`RequestRejected` (404 when
+        no provider is mounted there, 400 for a target or path refused by the rules above)."""
+        path, query = split_target(raw_target)
+        found = self._lookup(path)
+        if found is None:
+            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
+        provider, rest = found
+        check_path(rest)
+        return provider, rest, query
+
+    def upstream(self, provider: Provider, rest: str, query: str) -> tuple[str, str]:
+        """``(origin, origin-form target)`` of the upstream request."""
+        origin, base_path = self._origins[provider.name]
+        return origin, upstream_target(base_path, rest, query)

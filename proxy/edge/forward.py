@@ -50,7 +50,7 @@ from proxy.core.replay import (
     Send,
     stream_event,
 )
-from proxy.core.routing import check_path, find_provider, split_target, upstream_target
+from proxy.core.routing import Router
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.sse import EventScanner, parse_json, split_first_event
 from proxy.edge.aiohttp_server import AiohttpClient
@@ -111,8 +111,7 @@ class Forwarder:
         self.transport = transport
         self.accounts = accounts
         self._clock = clock
-        self._lookup = find_provider(config.providers)
-        self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in config.providers}
+        self._router = Router(config.providers)
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(3).hex()
         self.observers: list[Observer] = []
@@ -228,21 +227,16 @@ class Forwarder:
             raise RequestRejected(405, f"method {request.method} is not allowed", "method_not_allowed")
         if request.version < (1, 0):
             raise RequestRejected(400, "HTTP/0.9 is not supported")
-        path, query = split_target(request.raw_path)
-        route = self._lookup(path)
-        if route is None:
-            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
-        provider, rest = route
+        provider, rest, query = self._router.route(request.raw_path)
         record.provider = provider.name
-        check_path(rest)
         items = request.items()
         if hdrs.has_control_characters(items):
             raise RequestRejected(400, "a header value contains control characters")
         session_id = session_id_from(request.headers, self._limits.max_session_id_length)
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
-        origin, base_path = self._origins[provider.name]
-        return provider, origin, upstream_target(base_path, rest, query), hdrs.to_upstream(items), session_id
+        origin, target = self._router.upstream(provider, rest, query)
+        return provider, origin, target, hdrs.to_upstream(items), session_id
 
     def _commit(self, commit: Commit, status: int, session_id: str | None, record: RequestRecord) -> None:
         cred = commit.cred

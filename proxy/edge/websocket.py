@@ -52,7 +52,7 @@ from proxy.core.headers import connection_tokens
 from proxy.core.masking import mask_body, mask_head
 from proxy.core.pool import Pool
 from proxy.core.replay import Block
-from proxy.core.routing import check_path, find_provider, split_target, upstream_target
+from proxy.core.routing import Router
 from proxy.core.selection import fnv1a_utf16, session_id_from
 from proxy.core.wsplan import SocketPlan
 from proxy.edge.connections import connection_cap
@@ -141,8 +141,7 @@ class Bridge:
         self._accounts = accounts
         self._refuse = refuse
         self._secrets = secrets
-        self._lookup = find_provider(config.providers)
-        self._origins = {p.name: (str(p.upstream.origin()), p.upstream.raw_path.rstrip("/")) for p in config.providers}
+        self._router = Router(config.providers)
         self.idle_timeout = config.limits.websocket_idle_timeout
         self.max_session_id_length = config.limits.max_session_id_length
         self.cap = config.limits.max_websockets or 1
@@ -234,13 +233,8 @@ class Bridge:
                 observer(record)
 
     async def _handshake(self, request: web.Request, record: RequestRecord) -> tuple[Relay | None, web.StreamResponse]:
-        path, query = split_target(request.raw_path)
-        route = self._lookup(path)
-        if route is None:
-            raise RequestRejected(404, f"no provider is mounted at {path}", "not_found")
-        provider, rest = route
+        provider, rest, query = self._router.route(request.raw_path)
         record.provider = provider.name
-        check_path(rest)
         if not provider.websocket or rest != RESPONSES:
             where = f"only on {provider.mount}{RESPONSES}" if provider.websocket else "not for this provider"
             return None, self._upgrade_required(record, f"WebSocket is served {where}; use HTTP")
@@ -255,10 +249,10 @@ class Bridge:
         session_id = session_id_from(request.headers, self.max_session_id_length)
         if session_id is not None:
             record.session_hash = f"{fnv1a_utf16(session_id):08x}"
-        origin, base_path = self._origins[provider.name]
+        origin, target = self._router.upstream(provider, rest, query)
         link = Link(
             provider,
-            URL(origin + upstream_target(base_path, rest, query), encoded=True),
+            URL(origin + target, encoded=True),
             [(k, v) for k, v in hdrs.to_upstream(items) if k.lower() not in _HANDSHAKE],
             "permessage-deflate" in request.headers.get("Sec-WebSocket-Extensions", "").lower(),
             [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()],

@@ -6,7 +6,7 @@ import pytest
 from yarl import URL
 
 from proxy.config import Provider
-from proxy.core.routing import check_path, find_provider, split_target, upstream_target
+from proxy.core.routing import Router, check_path, find_provider, split_target, upstream_target
 from proxy.errors import RequestRejected
 
 ABSOLUTE_FORM = "the request target must be a path (absolute-form targets are refused)"
@@ -197,3 +197,20 @@ def test_b8_targets_never_route(target: str) -> None:
 def test_unmounted_paths_find_no_provider(target: str) -> None:
     with pytest.raises(LookupError):
         route(target)
+
+
+def test_the_router_routes_a_target_and_builds_the_upstream_one() -> None:
+    router = Router(PROVIDERS)
+    provider, rest, query = router.route("/codex/responses?client=test")
+    assert (provider.name, rest, query) == ("openai-codex", "/responses", "client=test")
+    assert router.upstream(provider, rest, query) == ("https://chatgpt.com", "/backend-api/codex/responses?client=test")
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [("/nowhere/responses", 404), ("/codex/a//b", 400), ("/codex/%2e%2e/x", 400), ("http://x/", 400)],
+)
+def test_the_router_refuses_what_it_cannot_route(target: str, status: int) -> None:
+    with pytest.raises(RequestRejected) as caught:
+        Router(PROVIDERS).route(target)
+    assert caught.value.status == status
